@@ -1,0 +1,363 @@
+"""The KillRecord schema (versioned), its JSONL writer and its reader.
+
+One record per kill attempt: real kills, refusals, failures, dry runs and (observe mode) kills made by
+someone else. Unknown values are ``None``, never sentinel numbers. Times are integer nanoseconds of
+CLOCK_MONOTONIC (the clock of ``time.monotonic_ns()`` and of tracefs' ``mono`` trace clock); sizes are KiB.
+
+Schema versions: a reader accepts every version up to ``SCHEMA_VERSION`` and refuses newer ones with a
+message naming the file and line, so an old ``compare`` never silently misreads new data.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+SCHEMA_VERSION = 1
+
+
+class Outcome(StrEnum):
+    """How one kill attempt ended."""
+
+    KILLED = "killed"  # SIGKILL sent and the exit observed
+    EXIT_TIMEOUT = "exit_timeout"  # SIGKILL sent, no exit seen before the timeout
+    REFUSED_IDENTITY = "refused_identity"  # the pid now names another process: nothing signalled
+    GONE = "gone"  # the process was gone before we could signal it (ESRCH at pidfd_open/signal)
+    SIGNAL_FAILED = "signal_failed"  # pidfd_open/pidfd_send_signal failed for another reason
+    DRY_RUN = "dry_run"  # would have killed; nothing signalled
+    OBSERVED = "observed"  # someone else killed it; we only watched
+
+
+class MreleaseStatus(StrEnum):
+    """What became of the process_mrelease call."""
+
+    OK = "ok"  # returned 0 (it may have had nothing left to do, see kernel-notes)
+    ALREADY_RELEASED = "already_released"  # ESRCH: the victim dropped its mm first; benign race
+    ERROR = "error"  # any other errno; see ``errno_name``
+    UNSUPPORTED = "unsupported"  # ENOSYS: kernel < 5.15, kill-only fallback
+    DISABLED = "disabled"  # turned off by configuration (e.g. the benchmark's baseline)
+    NOT_ATTEMPTED = "not_attempted"  # no SIGKILL was delivered, so there was nothing to release
+
+
+class _Model(BaseModel):
+    # Records are read back by newer and older tools: ignore unknown keys rather than fail
+    # (forward-compatible within one schema version), and never mutate after construction.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class Provenance(_Model):
+    """Where and by what a record was made."""
+
+    hostname: str | None = None
+    kernel_release: str | None = None  # uname -r
+    kernel_version: str | None = None  # uname -v (build string)
+    arch: str | None = None  # uname -m
+    machine_model: str | None = None  # device tree model or DMI vendor/product
+    boot_id: str | None = None
+    lmkd_py_version: str | None = None
+    config_hash: str | None = None  # sha256 of the canonical JSON of the effective config
+    virtualised: str | None = None  # e.g. "qemu-tcg" when known (the lab sets it)
+
+
+class Victim(_Model):
+    """The process as it was just before the kill (or as last seen, in observe mode)."""
+
+    pid: int
+    comm: str | None = None
+    cmdline: str | None = None
+    uid: int | None = None
+    start_time_ticks: int | None = None  # field 22 of /proc/PID/stat, clock ticks since boot
+    oom_score_adj: int | None = None
+    cgroup: str | None = None
+    threads: int | None = None
+    vma_count: int | None = None
+    rss_kib: int | None = None
+    rss_anon_kib: int | None = None
+    rss_file_kib: int | None = None
+    rss_shmem_kib: int | None = None
+    swap_kib: int | None = None
+
+
+class Mrelease(_Model):
+    """The process_mrelease(2) call made on the reaper thread."""
+
+    status: MreleaseStatus
+    ret: int | None = None
+    errno: int | None = None
+    errno_name: str | None = None
+    wall_ns: int | None = None
+    thread_cpu_ns: int | None = None  # CPU time of the reaper thread across the call
+    reaper_tid: int | None = None
+    note: str | None = None
+
+
+class Steps(_Model):
+    """CLOCK_MONOTONIC timestamps (ns) of each step of one kill, in the order they happen."""
+
+    start_ns: int
+    pidfd_opened_ns: int | None = None
+    identity_checked_ns: int | None = None
+    sizes_read_ns: int | None = None
+    signal_sent_ns: int | None = None
+    mrelease_start_ns: int | None = None
+    mrelease_end_ns: int | None = None
+    exit_observed_ns: int | None = None
+    mem_recovered_ns: int | None = None
+    end_ns: int
+
+
+class Pressure(_Model):
+    """The pressure event that led to the decision (daemon only)."""
+
+    level: str | None = None
+    source: str | None = None  # e.g. "/proc/pressure/memory" or a cgroup's memory.pressure
+    mechanism: str | None = None  # "trigger" or "poll"
+    some_avg10: float | None = None
+    full_avg10: float | None = None
+    some_total_us: int | None = None
+    full_total_us: int | None = None
+    event_ns: int | None = None  # when the loop woke for the event
+    decision_latency_ns: int | None = None  # event wake -> SIGKILL sent (or -> decision, in dry run)
+    rank: int | None = None  # place of this victim in the ranking (0 = first choice)
+    reason: str | None = None  # why this victim was chosen
+
+
+class KernelTimeline(_Model):
+    """Kernel-side view of one kill from tracefs and the proc connector (nullable field by field)."""
+
+    source: str | None = None  # e.g. "tracefs+proc_connector", "function_graph"
+    unavailable_reason: str | None = None  # why the timeline (or part of it) is missing
+    signal_generate_ns: int | None = None
+    signal_deliver_ns: int | None = None
+    mrelease_enter_ns: int | None = None
+    mrelease_exit_ns: int | None = None
+    mrelease_ret: int | None = None
+    exit_start_ns: int | None = None  # sched_process_exit (before exit_mm on 6.16+, after it before)
+    exit_mmap_end_ns: int | None = None
+    proc_exit_ns: int | None = None  # proc connector exit event timestamp
+    oom_reaper_start_ns: int | None = None
+    oom_reaper_end_ns: int | None = None
+    freed_by_reaper_kib: dict[str, int] | None = None  # by kind: file, anon, swap, shmem
+    freed_by_victim_kib: dict[str, int] | None = None
+    mmap_lock_wait_ns: dict[str, int] | None = None  # side ("reaper", "victim") -> total ns
+    lock_contention_ns: dict[str, int] | None = None
+    lock_contention_count: dict[str, int] | None = None
+    reaper_work_ns: int | None = None
+    exit_mmap_ns: int | None = None
+    reap_total_ns: int | None = None  # reaper work + exit_mmap
+    reap_throughput_mib_s: float | None = None
+    notes: list[str] = Field(default_factory=list)
+
+
+class Killer(_Model):
+    """Who killed, in observe mode."""
+
+    kind: str  # "kernel_oom", "process"
+    pid: int | None = None
+    comm: str | None = None
+    match: str | None = None  # how a process_mrelease call was matched to this victim
+
+
+class KillRecord(_Model):
+    """One kill attempt."""
+
+    schema_version: int = SCHEMA_VERSION
+    record_id: str
+    wall_time: str  # ISO 8601 UTC, for humans; ordering uses the monotonic steps
+    outcome: Outcome
+    dry_run: bool = False
+    observed: bool = False
+    victim: Victim
+    steps: Steps
+    mrelease: Mrelease
+    mem_available_before_kib: int | None = None
+    mem_available_after_kib: int | None = None
+    mem_recovered_kib: int | None = None
+    mem_recovery_target_kib: int | None = None
+    kill_to_exit_ns: int | None = None
+    kill_to_mem_recovered_ns: int | None = None
+    exit_timeout_ns: int | None = None
+    error: str | None = None
+    notes: list[str] = Field(default_factory=list)
+    pressure: Pressure | None = None
+    kernel: KernelTimeline | None = None
+    killer: Killer | None = None
+    provenance: Provenance = Field(default_factory=Provenance)
+
+
+def errno_name(err: int | None) -> str | None:
+    """Symbolic name of an errno value (``"ESRCH"``), or None."""
+    if err is None:
+        return None
+    return errno_mod.errorcode.get(err, f"E{err}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+@dataclass
+class WriterStats:
+    written: int = 0
+    dropped: int = 0
+    rotations: int = 0
+    last_error: str | None = None
+
+
+class RecordWriter:
+    """Append records as JSON lines, flushed per record, with a size cap and rotation.
+
+    ``max_bytes`` caps one file; when the next line would pass it, ``path`` becomes ``path.1``
+    (``path.1`` becomes ``path.2`` …) and at most ``keep`` rotated files are kept, so the total on disk
+    stays under ``(keep + 1) * max_bytes``. A write that fails (disk full, read-only, removed directory)
+    drops that record, counts it and returns False; the next write tries again, so writing resumes by
+    itself when space returns. A partial line left by a failed write is cut off first, so the file
+    stays valid JSONL and no earlier record is lost.
+    """
+
+    def __init__(self, path: Path, max_bytes: int = 16 * 1024 * 1024, keep: int = 3, fsync: bool = True):
+        if max_bytes < 4096:
+            raise ValueError(f"records max_bytes must be at least 4096, got {max_bytes}")
+        if keep < 0:
+            raise ValueError(f"records keep must be >= 0, got {keep}")
+        self.path = path
+        self.max_bytes = max_bytes
+        self.keep = keep
+        self.fsync = fsync
+        self.stats = WriterStats()
+
+    def write(self, record: KillRecord) -> bool:
+        """Append one record. Returns True when it is on disk, False when it was dropped."""
+        line = (record.model_dump_json() + "\n").encode()
+        try:
+            self._append(line)
+        except OSError as exc:
+            self.stats.dropped += 1
+            self.stats.last_error = f"{self.path}: {exc.strerror or exc}"
+            return False
+        self.stats.written += 1
+        return True
+
+    def _append(self, line: bytes) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        if size and size + len(line) > self.max_bytes:
+            self._rotate()
+            size = 0
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            written = 0
+            try:
+                while written < len(line):
+                    written += os.write(fd, line[written:])
+                if self.fsync:
+                    os.fsync(fd)
+            except OSError:
+                # Leave no half line behind: the reader would lose it anyway, and the next record
+                # must start on a line of its own.
+                if written:
+                    os.ftruncate(fd, size)
+                raise
+        finally:
+            os.close(fd)
+
+    def _rotate(self) -> None:
+        if self.keep == 0:
+            self.path.unlink(missing_ok=True)
+        else:
+            oldest = self.path.with_name(f"{self.path.name}.{self.keep}")
+            oldest.unlink(missing_ok=True)
+            for i in range(self.keep - 1, 0, -1):
+                src = self.path.with_name(f"{self.path.name}.{i}")
+                if src.exists():
+                    src.rename(self.path.with_name(f"{self.path.name}.{i + 1}"))
+            self.path.rename(self.path.with_name(f"{self.path.name}.1"))
+        self.stats.rotations += 1
+
+
+class ListSink:
+    """A record sink that keeps records in memory (tests, and the CLI's summary)."""
+
+    def __init__(self) -> None:
+        self.records: list[KillRecord] = []
+        self.stats = WriterStats()
+
+    def write(self, record: KillRecord) -> bool:
+        self.records.append(record)
+        self.stats.written += 1
+        return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+class RecordFormatError(ValueError):
+    """A records file that cannot be read as lmkd-py records (names file and line)."""
+
+
+@dataclass
+class ReadResult:
+    records: list[KillRecord] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # lines skipped, each naming file:line and why
+
+
+def iter_records(path: Path, problems: list[str] | None = None) -> Iterator[KillRecord]:
+    """Yield the records of one JSONL file.
+
+    A last line without its newline that does not parse is a write cut short (power loss, full disk):
+    it is skipped and noted in ``problems``. A bad line elsewhere is skipped and noted too, so one
+    damaged line never costs the rest of a field data set. A record of a newer schema version than
+    this lmkd-py knows raises RecordFormatError: reading it with an old schema could misread it.
+    """
+    sink = problems if problems is not None else []
+    with path.open("rb") as fh:
+        data = fh.read()
+    lines = data.split(b"\n")
+    last_complete = data.endswith(b"\n")
+    for lineno, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        truncated_tail = lineno == len(lines) and not last_complete
+        try:
+            obj = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            why = "truncated last line (a write cut short)" if truncated_tail else f"not JSON ({exc})"
+            sink.append(f"{path}:{lineno}: skipped: {why}")
+            continue
+        if not isinstance(obj, dict):
+            sink.append(f"{path}:{lineno}: skipped: not a JSON object")
+            continue
+        version = obj.get("schema_version")
+        if not isinstance(version, int):
+            sink.append(f"{path}:{lineno}: skipped: no integer schema_version (not an lmkd-py record?)")
+            continue
+        if version > SCHEMA_VERSION:
+            raise RecordFormatError(
+                f"{path}:{lineno}: record schema_version {version} is newer than this lmkd-py "
+                f"understands ({SCHEMA_VERSION}); upgrade lmkd-py to read it"
+            )
+        try:
+            yield KillRecord.model_validate(obj)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            loc = ".".join(str(p) for p in first["loc"])
+            sink.append(f"{path}:{lineno}: skipped: field {loc!r}: {first['msg']}")
+
+
+def read_records(paths: Iterable[Path]) -> ReadResult:
+    """Read every record of several files (see iter_records for what is skipped and what raises)."""
+    result = ReadResult()
+    for path in paths:
+        result.records.extend(iter_records(Path(path), result.problems))
+    return result
