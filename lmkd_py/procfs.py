@@ -1,0 +1,297 @@
+"""Pure parsers for /proc text, and ``ProcFs``: the one reader, rooted anywhere (tests use tmp_path).
+
+Every ``parse_*`` takes the file's text and returns a value or raises ``ProcParseError`` naming what is
+wrong; none does I/O. ``ProcFs`` builds every path from its root and lets ``FileNotFoundError`` /
+``ProcessLookupError`` through: a process that vanished is normal and its caller decides.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+PF_KTHREAD = 0x00200000  # include/linux/sched.h: task is a kernel thread
+
+
+class ProcParseError(ValueError):
+    """A /proc file whose content is not what the kernel writes (names the file kind and why)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProcStat:
+    pid: int
+    comm: str
+    state: str
+    ppid: int
+    flags: int
+    num_threads: int
+    start_time_ticks: int  # field 22: clock ticks after boot; with the pid, the identity of a process
+    rss_pages: int
+
+    @property
+    def is_kernel_thread(self) -> bool:
+        return bool(self.flags & PF_KTHREAD)
+
+
+def parse_stat(text: str) -> ProcStat:
+    """Parse /proc/PID/stat. ``comm`` may hold spaces, parentheses and newlines: it is everything
+    between the first '(' and the LAST ')' (the kernel does not escape it)."""
+    open_at = text.find("(")
+    close_at = text.rfind(")")
+    if open_at < 0 or close_at < open_at:
+        raise ProcParseError("stat: no '(comm)' field")
+    try:
+        pid = int(text[:open_at].strip())
+    except ValueError:
+        raise ProcParseError(f"stat: bad pid field {text[:open_at].strip()!r}") from None
+    rest = text[close_at + 1 :].split()
+    # rest[0] is field 3 (state); field N is rest[N - 3].
+    if len(rest) < 22:
+        raise ProcParseError(f"stat: {len(rest) + 2} fields, expected at least 24 (truncated?)")
+    try:
+        return ProcStat(
+            pid=pid,
+            comm=text[open_at + 1 : close_at],
+            state=rest[0],
+            ppid=int(rest[1]),
+            flags=int(rest[6]),
+            num_threads=int(rest[17]),
+            start_time_ticks=int(rest[19]),
+            rss_pages=int(rest[21]),
+        )
+    except ValueError as exc:
+        raise ProcParseError(f"stat: non-numeric field ({exc})") from None
+
+
+@dataclass(frozen=True, slots=True)
+class ProcStatus:
+    name: str | None
+    tgid: int | None
+    uid: int | None  # real uid
+    threads: int | None
+    vm_rss_kib: int | None
+    rss_anon_kib: int | None
+    rss_file_kib: int | None
+    rss_shmem_kib: int | None
+    vm_swap_kib: int | None
+
+
+_STATUS_KIB = {
+    "VmRSS": "vm_rss_kib",
+    "RssAnon": "rss_anon_kib",
+    "RssFile": "rss_file_kib",
+    "RssShmem": "rss_shmem_kib",
+    "VmSwap": "vm_swap_kib",
+}
+
+
+def parse_status(text: str) -> ProcStatus:
+    """Parse /proc/PID/status. Missing keys (kernel threads have no Vm* lines; a truncated read) are
+    None. A present key whose value is not a number raises ProcParseError naming the key."""
+    values: dict[str, int | str | None] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            continue
+        value = value.strip()
+        try:
+            if key in _STATUS_KIB:
+                number, _, unit = value.partition(" ")
+                if unit.strip() not in ("kB", ""):
+                    raise ProcParseError(f"status: {key} has unit {unit.strip()!r}, expected kB")
+                values[_STATUS_KIB[key]] = int(number)
+            elif key == "Name":
+                values["name"] = value
+            elif key == "Tgid":
+                values["tgid"] = int(value)
+            elif key == "Threads":
+                values["threads"] = int(value)
+            elif key == "Uid":
+                values["uid"] = int(value.split()[0])
+        except (ValueError, IndexError):
+            raise ProcParseError(f"status: {key} is not a number: {value!r}") from None
+    return ProcStatus(
+        name=_opt_str(values.get("name")),
+        tgid=_opt_int(values.get("tgid")),
+        uid=_opt_int(values.get("uid")),
+        threads=_opt_int(values.get("threads")),
+        vm_rss_kib=_opt_int(values.get("vm_rss_kib")),
+        rss_anon_kib=_opt_int(values.get("rss_anon_kib")),
+        rss_file_kib=_opt_int(values.get("rss_file_kib")),
+        rss_shmem_kib=_opt_int(values.get("rss_shmem_kib")),
+        vm_swap_kib=_opt_int(values.get("vm_swap_kib")),
+    )
+
+
+def _opt_int(v: int | str | None) -> int | None:
+    return v if isinstance(v, int) else None
+
+
+def _opt_str(v: int | str | None) -> str | None:
+    return v if isinstance(v, str) else None
+
+
+def parse_oom_score_adj(text: str) -> int:
+    """Parse /proc/PID/oom_score_adj (-1000..1000)."""
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ProcParseError(f"oom_score_adj: not a number: {text.strip()[:40]!r}") from None
+    if not -1000 <= value <= 1000:
+        raise ProcParseError(f"oom_score_adj: {value} outside -1000..1000")
+    return value
+
+
+def parse_cmdline(data: bytes) -> list[str]:
+    """Parse /proc/PID/cmdline (NUL-separated; empty for kernel threads and zombies)."""
+    return [part.decode(errors="replace") for part in data.split(b"\0") if part] if data else []
+
+
+@dataclass(frozen=True, slots=True)
+class CgroupEntry:
+    hierarchy_id: int
+    controllers: tuple[str, ...]
+    path: str
+
+
+def parse_cgroup(text: str) -> list[CgroupEntry]:
+    """Parse /proc/PID/cgroup: ``id:controllers:path`` lines; the v2 entry is ``0::/path``."""
+    entries = []
+    for line in text.splitlines():
+        if not line:
+            continue
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            raise ProcParseError(f"cgroup: line without three ':'-fields: {line[:80]!r}")
+        try:
+            hid = int(parts[0])
+        except ValueError:
+            raise ProcParseError(f"cgroup: bad hierarchy id {parts[0]!r}") from None
+        controllers = tuple(c for c in parts[1].split(",") if c)
+        entries.append(CgroupEntry(hid, controllers, parts[2]))
+    return entries
+
+
+def cgroup_v2_path(entries: list[CgroupEntry]) -> str | None:
+    """The unified-hierarchy path of a process, or None when it has none."""
+    for e in entries:
+        if e.hierarchy_id == 0 and not e.controllers:
+            return e.path
+    return None
+
+
+def parse_meminfo(text: str) -> dict[str, int]:
+    """Parse /proc/meminfo into ``{"MemAvailable": kib, ...}`` (HugePages_* counts are unitless)."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            continue
+        try:
+            out[key.strip()] = int(value.split()[0])
+        except (ValueError, IndexError):
+            raise ProcParseError(f"meminfo: {key.strip()} is not a number: {value.strip()!r}") from None
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class PsiLine:
+    avg10: float
+    avg60: float
+    avg300: float
+    total_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class Psi:
+    some: PsiLine
+    full: PsiLine | None  # cpu pressure had no "full" line before 5.13
+
+
+def parse_pressure(text: str) -> Psi:
+    """Parse a PSI file (/proc/pressure/memory or a cgroup's memory.pressure)."""
+    lines: dict[str, PsiLine] = {}
+    for line in text.splitlines():
+        kind, _, rest = line.partition(" ")
+        if kind not in ("some", "full"):
+            continue
+        fields = dict(p.split("=", 1) for p in rest.split() if "=" in p)
+        try:
+            lines[kind] = PsiLine(
+                avg10=float(fields["avg10"]),
+                avg60=float(fields["avg60"]),
+                avg300=float(fields["avg300"]),
+                total_us=int(fields["total"]),
+            )
+        except (KeyError, ValueError) as exc:
+            raise ProcParseError(f"pressure: bad {kind!r} line ({exc}): {line[:100]!r}") from None
+    if "some" not in lines:
+        raise ProcParseError("pressure: no 'some' line")
+    return Psi(some=lines["some"], full=lines.get("full"))
+
+
+def count_maps_lines(text: str) -> int:
+    """Number of VMAs in a /proc/PID/maps text."""
+    return sum(1 for line in text.splitlines() if line.strip())
+
+
+class ProcFs:
+    """Reads /proc (or a fake tree) under ``root``. Errors for a vanished pid propagate
+    (FileNotFoundError or ProcessLookupError); parse errors raise ProcParseError."""
+
+    def __init__(self, root: Path = Path("/proc")) -> None:
+        self.root = root
+
+    def _pid_dir(self, pid: int) -> Path:
+        return self.root / str(pid)
+
+    def _read(self, path: Path) -> str:
+        try:
+            return path.read_text(errors="replace")
+        except ProcessLookupError:
+            # Reading a file of a process that is exiting can give ESRCH; same as vanished.
+            raise FileNotFoundError(str(path)) from None
+
+    def pids(self) -> Iterator[int]:
+        """Thread-group ids present now (the numeric entries of the root)."""
+        for name in os.listdir(self.root):
+            if name.isdigit():
+                yield int(name)
+
+    def stat(self, pid: int) -> ProcStat:
+        return parse_stat(self._read(self._pid_dir(pid) / "stat"))
+
+    def status(self, pid: int) -> ProcStatus:
+        return parse_status(self._read(self._pid_dir(pid) / "status"))
+
+    def oom_score_adj(self, pid: int) -> int:
+        return parse_oom_score_adj(self._read(self._pid_dir(pid) / "oom_score_adj"))
+
+    def cmdline(self, pid: int) -> list[str]:
+        try:
+            return parse_cmdline((self._pid_dir(pid) / "cmdline").read_bytes())
+        except ProcessLookupError:
+            raise FileNotFoundError(str(self._pid_dir(pid) / "cmdline")) from None
+
+    def cgroup(self, pid: int) -> list[CgroupEntry]:
+        return parse_cgroup(self._read(self._pid_dir(pid) / "cgroup"))
+
+    def vma_count(self, pid: int) -> int:
+        return count_maps_lines(self._read(self._pid_dir(pid) / "maps"))
+
+    def meminfo(self) -> dict[str, int]:
+        return parse_meminfo(self._read(self.root / "meminfo"))
+
+    def mem_available_kib(self) -> int | None:
+        return self.meminfo().get("MemAvailable")
+
+    def pressure(self, resource: str = "memory") -> Psi:
+        return parse_pressure(self._read(self.root / "pressure" / resource))
+
+    def boot_id(self) -> str | None:
+        try:
+            return self._read(self.root / "sys" / "kernel" / "random" / "boot_id").strip()
+        except OSError:
+            return None
