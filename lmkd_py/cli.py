@@ -1,0 +1,144 @@
+"""Command line: argument parsing and dispatch only. Each command's work lives in its module.
+
+``lmkd-py [daemon options]`` runs the daemon; ``lmkd-py COMMAND ...`` runs a tool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from lmkd_py import __version__
+
+COMMANDS = ("kill", "check-config", "config-schema", "report", "compare", "stress", "observe")
+
+
+def _add_daemon_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML config file (default: built-in defaults)")
+    p.add_argument("--dry-run", action="store_true", default=None,
+                   help="decide and record, but never signal or reap (works unprivileged)")
+    p.add_argument("--records", type=Path, help="JSONL file the kill records are appended to")
+    p.add_argument("--cgroup", type=Path,
+                   help="cgroup v2 directory: its memory.pressure is the pressure source and its "
+                        "subtree's processes are the only candidates")
+    p.add_argument("--duration", type=float, help="stop cleanly after this many seconds")
+    p.add_argument("--tracing", choices=["auto", "on", "off"], help="kernel timeline via tracefs")
+    p.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+    p.add_argument("--log-level", default=None, help="debug, info, warning, error")
+
+
+def _add_kill(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("kill", help="kill one process now and record how long its memory took to come back")
+    p.add_argument("pid", type=int)
+    p.add_argument("--records", type=Path, help="JSONL file to append the record to (default: config's)")
+    p.add_argument("--config", type=Path)
+    p.add_argument("--start-time", type=int, dest="start_time_ticks",
+                   help="expected start time (field 22 of /proc/PID/stat); refuse if it differs")
+    p.add_argument("--no-mrelease", action="store_true", help="SIGKILL only, no process_mrelease")
+    p.add_argument("--timeout", type=float, default=None, help="seconds to wait for the exit")
+    p.add_argument("--tracing", choices=["auto", "on", "off"], default=None)
+    p.add_argument("--json", action="store_true", help="print the record as JSON instead of a summary")
+    p.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+
+
+def _add_config_cmds(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("check-config", help="validate a config file: exit 0, or 2 naming the bad key")
+    p.add_argument("file", type=Path, nargs="?", help="default: config/lmkd-py.toml defaults")
+    sub.add_parser("config-schema", help="print the config's JSON Schema")
+
+
+def _add_report(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("report", help="summarise record files per kernel and machine")
+    p.add_argument("files", type=Path, nargs="+")
+    p.add_argument("--format", choices=["table", "markdown", "json"], default="table")
+    p.add_argument("--plots", type=Path, help="write PNG plots into this directory")
+    p = sub.add_parser("compare", help="compare two record sets (e.g. patched vs unpatched kernel)")
+    p.add_argument("files", type=Path, nargs="*", help="record files to split with --by")
+    p.add_argument("--a", type=Path, nargs="+", help="side A record files")
+    p.add_argument("--b", type=Path, nargs="+", help="side B record files")
+    p.add_argument("--by", choices=["kernel", "machine"], help="split FILES into two sides by this")
+    p.add_argument("--label-a", help="name of side A")
+    p.add_argument("--label-b", help="name of side B")
+    p.add_argument("--format", choices=["table", "markdown", "json"], default="table")
+    p.add_argument("--plots", type=Path, help="write PNG ECDF and box plots into this directory")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
+
+
+def _add_stress(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("stress", help="spawn victims (and a pressure source) that live until killed")
+    p.add_argument("--size-mib", type=int, default=64)
+    p.add_argument("--vmas", type=int, default=1)
+    p.add_argument("--kind", choices=["anon", "file", "shmem", "mixed"], default="anon")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--touch", choices=["all", "sparse"], default="all")
+    p.add_argument("--adj", type=int, default=None, help="oom_score_adj of the victims")
+    p.add_argument("--count", type=int, default=1)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--pressure", action="store_true", help="also run a file-thrashing pressure source")
+    p.add_argument("--cgroup", type=Path, help="cgroup name or path to create for the victims/pressure")
+    p.add_argument("--limit-mib", type=int, help="memory limit of that cgroup")
+    p.add_argument("--file-mib", type=int, help="size of the thrashed file")
+    p.add_argument("--scenario", help="a preset set of victims, e.g. app-like")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--duration", type=float, help="seconds to hold, then clean up")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmkd-py",
+        description="Userspace low-memory killer: PSI -> victim -> pidfd SIGKILL + process_mrelease, "
+        "with a timestamped record of how long each victim's memory took to come back.",
+        epilog="commands: " + ", ".join(COMMANDS) + " (lmkd-py COMMAND --help)",
+    )
+    parser.add_argument("--version", action="version", version=f"lmkd-py {__version__}")
+    _add_daemon_args(parser)
+    return parser
+
+
+def build_command_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmkd-py")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_kill(sub)
+    _add_config_cmds(sub)
+    _add_report(sub)
+    _add_stress(sub)
+    return parser
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {}
+    if args.command == "kill":
+        from lmkd_py.tools import cmd_kill
+
+        handlers["kill"] = cmd_kill
+    elif args.command in ("check-config", "config-schema"):
+        from lmkd_py.tools import cmd_check_config, cmd_config_schema
+
+        handlers.update({"check-config": cmd_check_config, "config-schema": cmd_config_schema})
+    elif args.command in ("report", "compare"):
+        from lmkd_py.report import cmd_compare, cmd_report
+
+        handlers.update({"report": cmd_report, "compare": cmd_compare})
+    elif args.command == "stress":
+        from lmkd_py.stress import cmd_stress
+
+        handlers["stress"] = cmd_stress
+    return handlers[args.command](args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMMANDS:
+        args = build_command_parser().parse_args(argv)
+        return _dispatch(args)
+    args = build_parser().parse_args(argv)
+    from lmkd_py.daemon import cmd_daemon
+
+    return cmd_daemon(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

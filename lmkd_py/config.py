@@ -1,0 +1,231 @@
+"""Configuration: frozen pydantic models, TOML loading, defaults, JSON Schema export.
+
+Every knob has a unit in its name and a description. Unknown keys are errors (a typo must not silently
+fall back to a default on a board). ``load_config`` raises ``ConfigError`` whose message names the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NEVER_KILL_ADJ = 1001  # a level whose min_oom_score_adj is above 1000 wakes the daemon but kills nothing
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Level(_Frozen):
+    """One pressure level: a PSI trigger and the lowest oom_score_adj it may kill."""
+
+    name: str = Field(description="level name used in logs and records, e.g. 'medium', 'critical'")
+    stall: Literal["some", "full"] = Field(description="PSI line: 'some' or 'full' memory stall")
+    threshold_us: int = Field(gt=0, description="stall time within one window that fires the level (us)")
+    window_us: int = Field(
+        ge=500_000,
+        le=10_000_000,
+        description="PSI window (us), 0.5-10 s. Without CAP_SYS_RESOURCE the kernel (6.5+) accepts only "
+        "multiples of 2 s; lmkd-py then widens the window and scales the threshold to keep the ratio.",
+    )
+    min_oom_score_adj: int = Field(
+        ge=-999,
+        le=NEVER_KILL_ADJ,
+        description="only processes with oom_score_adj >= this are candidates at this level; "
+        f"{NEVER_KILL_ADJ} = never kill (the level only refreshes the candidate table)",
+    )
+    poll_avg10_pct: float | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description="polling fallback: fire when avg10 of this stall line reaches this percentage "
+        "(default: threshold_us / window_us * 100)",
+    )
+
+    @model_validator(mode="after")
+    def _threshold_within_window(self) -> Level:
+        if self.threshold_us > self.window_us:
+            raise ValueError(f"threshold_us {self.threshold_us} exceeds window_us {self.window_us}")
+        return self
+
+
+def _default_levels() -> tuple[Level, ...]:
+    # Android lmkd's PSI defaults (some 70/100 ms, full 70 ms per 1 s) scaled to a 2 s window, which
+    # every writer may use (see kernel-notes: no CAP_SYS_RESOURCE -> multiples of 2 s only).
+    return (
+        Level(name="low", stall="some", threshold_us=140_000, window_us=2_000_000,
+              min_oom_score_adj=NEVER_KILL_ADJ),
+        Level(name="medium", stall="some", threshold_us=200_000, window_us=2_000_000,
+              min_oom_score_adj=800),
+        Level(name="critical", stall="full", threshold_us=140_000, window_us=2_000_000,
+              min_oom_score_adj=0),
+    )
+
+
+class PressureConfig(_Frozen):
+    source: Literal["auto", "trigger", "poll"] = Field(
+        default="auto",
+        description="auto: PSI triggers, polling when no trigger can be armed; trigger: triggers or fail; "
+        "poll: read the PSI file every poll_interval_ms",
+    )
+    cgroup: Path | None = Field(
+        default=None,
+        description="cgroup v2 directory whose memory.pressure is watched and whose subtree holds the only "
+        "candidates (default: system-wide /proc/pressure/memory, all processes)",
+    )
+    poll_interval_ms: int = Field(default=1000, ge=10, le=60_000, description="polling fallback period (ms)")
+    levels: tuple[Level, ...] = Field(default_factory=_default_levels, min_length=1)
+
+    @field_validator("levels")
+    @classmethod
+    def _unique_names(cls, levels: tuple[Level, ...]) -> tuple[Level, ...]:
+        names = [lv.name for lv in levels]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"duplicate level names: {sorted(dup)}")
+        return levels
+
+
+class PolicyConfig(_Frozen):
+    protect_comm: tuple[str, ...] = Field(default=(), description="regexes (fullmatch) of comm never killed")
+    protect_cmdline: tuple[str, ...] = Field(default=(), description="regexes (search) of cmdline never killed")
+    protect_cgroup: tuple[str, ...] = Field(default=(), description="cgroup v2 path prefixes never killed")
+    protect_uid: tuple[int, ...] = Field(default=(), description="uids whose processes are never killed")
+    prefer_comm: tuple[str, ...] = Field(default=(), description="regexes (fullmatch) of comm killed first")
+    prefer_cmdline: tuple[str, ...] = Field(default=(), description="regexes (search) of cmdline killed first")
+    prefer_cgroup: tuple[str, ...] = Field(default=(), description="cgroup v2 path prefixes killed first")
+    prefer_adj_bonus: int = Field(
+        default=300, ge=0, le=2000,
+        description="added to a preferred process' oom_score_adj (capped at 1000) for eligibility and order",
+    )
+    min_rss_kib: int = Field(default=1024, ge=0, description="processes smaller than this (RSS+swap, KiB) are skipped")
+
+    @field_validator("protect_comm", "protect_cmdline", "prefer_comm", "prefer_cmdline")
+    @classmethod
+    def _valid_regex(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
+        import re
+
+        for p in patterns:
+            try:
+                re.compile(p)
+            except re.error as exc:
+                raise ValueError(f"bad regex {p!r}: {exc}") from None
+        return patterns
+
+
+class KillConfig(_Frozen):
+    mrelease: bool = Field(default=True, description="call process_mrelease right after SIGKILL")
+    exit_timeout_ms: int = Field(default=5000, ge=100, le=120_000, description="wait this long for the exit (ms)")
+    mem_recovery_timeout_ms: int = Field(
+        default=2000, ge=0, le=60_000, description="after the exit, wait this long for MemAvailable (ms)"
+    )
+    mem_recovery_fraction: float = Field(
+        default=0.5,
+        gt=0,
+        le=1.0,
+        description="memory is back when MemAvailable rose by this share of the victim's anon+shmem RSS. "
+        "Not 1.0: freed pages parked on per-CPU free lists are not counted in MemFree/MemAvailable until "
+        "drained (measured here: a 260 MiB victim showed +212 MiB at once)",
+    )
+    min_interval_ms: int = Field(default=1000, ge=0, le=600_000, description="minimum time between kills (ms)")
+    max_attempts: int = Field(default=3, ge=1, le=20, description="victims tried per event when kills fail")
+    recheck_pressure: bool = Field(
+        default=True, description="re-read PSI after choosing and skip the kill if pressure has gone"
+    )
+
+
+class CandidatesConfig(_Frozen):
+    refresh_interval_ms: int = Field(
+        default=10_000, ge=100, le=600_000, description="warm candidate table refresh period (ms)"
+    )
+    recheck_top: int = Field(default=5, ge=1, le=100, description="candidates re-read at decision time")
+
+
+class RecordsConfig(_Frozen):
+    path: Path | None = Field(
+        default=None,
+        description="JSONL records file (default: /var/lib/lmkd-py/records.jsonl as root, else "
+        "$XDG_STATE_HOME/lmkd-py/records.jsonl)",
+    )
+    max_bytes: int = Field(default=16 * 1024 * 1024, ge=4096, description="rotate the file at this size (bytes)")
+    keep: int = Field(default=3, ge=0, le=100, description="rotated files kept")
+    fsync: bool = Field(default=True, description="fsync after each record (kills are rare; data is precious)")
+
+
+class SelfProtectionConfig(_Frozen):
+    mlockall: bool = Field(default=True, description="lock the daemon's memory (MCL_CURRENT|FUTURE|ONFAULT)")
+    oom_score_adj: int | None = Field(
+        default=-1000, ge=-1000, le=1000, description="own oom_score_adj at start (None: leave it)"
+    )
+    sched_fifo_priority: int | None = Field(
+        default=None, ge=1, le=99, description="run the loop SCHED_FIFO at this priority (None: normal)"
+    )
+
+
+class Config(_Frozen):
+    dry_run: bool = Field(default=False, description="decide and record, never signal or reap")
+    tracing: Literal["auto", "on", "off"] = Field(
+        default="auto", description="kernel timeline from tracefs: auto = when root and tracefs works"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    pressure: PressureConfig = Field(default_factory=PressureConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    kill: KillConfig = Field(default_factory=KillConfig)
+    candidates: CandidatesConfig = Field(default_factory=CandidatesConfig)
+    records: RecordsConfig = Field(default_factory=RecordsConfig)
+    self_protection: SelfProtectionConfig = Field(default_factory=SelfProtectionConfig)
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON of this config (stamped on records)."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+    def records_path(self) -> Path:
+        if self.records.path is not None:
+            return self.records.path
+        if os.geteuid() == 0:
+            return Path("/var/lib/lmkd-py/records.jsonl")
+        state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        return Path(state) / "lmkd-py" / "records.jsonl"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the key."""
+
+
+def parse_config(data: dict[str, object], source: str = "<config>") -> Config:
+    """Validate a decoded TOML document. Raises ConfigError naming every bad key."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (typo?)"
+            lines.append(f"{source}: {key}: {msg}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_config(path: Path | None) -> Config:
+    """Load a TOML config file; None gives the defaults. Raises ConfigError."""
+    if path is None:
+        return Config()
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_config(data, str(path))
+
+
+def json_schema() -> dict[str, object]:
+    return Config.model_json_schema()

@@ -1,0 +1,491 @@
+"""One kill as a sequence of timestamped steps, and the reaper thread that makes it.
+
+The steps (all CLOCK_MONOTONIC ns, recorded in ``records.Steps``):
+
+    pidfd_open -> identity check (start time) -> sizes + MemAvailable -> [reaper thread:
+    pidfd_send_signal(SIGKILL) then process_mrelease at once] -> pidfd polls readable (exit)
+    -> MemAvailable back by the victim's anonymous RSS (or a timeout)
+
+Why the reaper thread sends the signal too: process_mrelease must follow SIGKILL (before it the task is
+not dying and the call fails with EINVAL), and the later it follows, the more of the teardown the victim
+has done alone; Android lmkd's reaper threads do the same. The thread is long-lived so its tid is known
+before the kill (tracing narrows its events to the victim and this tid).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import select
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Protocol
+
+import structlog
+
+from lmkd_py.procfs import ProcFs, ProcParseError, cgroup_v2_path
+from lmkd_py.records import (
+    KernelTimeline,
+    KillRecord,
+    Mrelease,
+    MreleaseStatus,
+    Outcome,
+    Pressure,
+    Provenance,
+    Steps,
+    Victim,
+    errno_name,
+)
+from lmkd_py.syscalls import SIGKILL, Syscalls
+
+Clock = Callable[[], int]
+log = structlog.get_logger("lmkd_py.killer")
+
+
+class KillTracer(Protocol):
+    """What the killer needs of the optional kernel tracer (``lmkd_py.tracing``)."""
+
+    def before_kill(self, victim_pid: int, reaper_tid: int) -> None: ...
+
+    def after_kill(
+        self, victim_pid: int, reaper_tid: int, rss_before_kib: int | None, mrelease_wall_ns: int | None
+    ) -> KernelTimeline: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class KillOptions:
+    """Knobs of one kill (the daemon fills them from the config)."""
+
+    mrelease: bool = True  # call process_mrelease after SIGKILL (off: the benchmark's baseline)
+    exit_timeout_ns: int = 5_000_000_000  # give up waiting for the exit after this long
+    mem_recovery_timeout_ns: int = 2_000_000_000  # after the exit, wait at most this long for MemAvailable
+    mem_recovery_fraction: float = 0.5  # "back" = MemAvailable rose by this share of anon+shmem RSS
+    mem_poll_interval_ns: int = 2_000_000  # MemAvailable sampling period while waiting
+
+
+@dataclass
+class _ReapJob:
+    pidfd: int
+    mrelease: bool
+    signalled: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    signal_error: OSError | None = None
+    signal_sent_ns: int | None = None
+    mrelease_start_ns: int | None = None
+    mrelease_end_ns: int | None = None
+    mrelease_ret: int | None = None
+    mrelease_errno: int | None = None
+    thread_cpu_ns: int | None = None
+    retries: int = 0
+
+
+class ReaperThread:
+    """A long-lived thread that sends SIGKILL through a pidfd and at once calls process_mrelease."""
+
+    def __init__(self, syscalls: Syscalls, clock: Clock) -> None:
+        self._sys = syscalls
+        self._clock = clock
+        self._jobs: queue.SimpleQueue[_ReapJob | None] = queue.SimpleQueue()
+        self._ready = threading.Event()
+        self.tid: int = 0
+        self._thread = threading.Thread(target=self._run, name="lmkd-reaper", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+
+    def submit(self, pidfd: int, mrelease: bool) -> _ReapJob:
+        job = _ReapJob(pidfd=pidfd, mrelease=mrelease)
+        self._jobs.put(job)
+        return job
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        self.tid = threading.get_native_id()
+        self._ready.set()
+        while (job := self._jobs.get()) is not None:
+            try:
+                self._reap(job)
+            finally:
+                job.signalled.set()
+                job.done.set()
+
+    def _reap(self, job: _ReapJob) -> None:
+        try:
+            self._sys.pidfd_send_signal(job.pidfd, SIGKILL)
+        except OSError as exc:
+            job.signal_error = exc
+            return
+        job.signal_sent_ns = self._clock()
+        job.signalled.set()
+        if not job.mrelease:
+            return
+        cpu0 = time.clock_gettime_ns(time.CLOCK_THREAD_CPUTIME_ID)
+        job.mrelease_start_ns = self._clock()
+        for attempt in range(2):
+            try:
+                job.mrelease_ret = self._sys.process_mrelease(job.pidfd, 0)
+                job.mrelease_errno = None
+                break
+            except OSError as exc:
+                job.mrelease_errno = exc.errno
+                # EINTR (signal while taking mmap_lock) and EAGAIN (MMU-notifier refusal) are transient:
+                # one more try, then leave the rest to the victim's own exit.
+                if exc.errno not in (errno.EINTR, errno.EAGAIN) or attempt:
+                    break
+                job.retries += 1
+        job.mrelease_end_ns = self._clock()
+        job.thread_cpu_ns = time.clock_gettime_ns(time.CLOCK_THREAD_CPUTIME_ID) - cpu0
+
+
+class KillerClosed(RuntimeError):
+    pass
+
+
+class Killer:
+    """Makes kills and returns one KillRecord for each attempt. Never raises for a kill that failed:
+    the record says what happened. Not thread-safe: one kill at a time (the daemon's rule too)."""
+
+    def __init__(
+        self,
+        syscalls: Syscalls,
+        procfs: ProcFs | None = None,
+        *,
+        clock: Clock = time.monotonic_ns,
+        options: KillOptions | None = None,
+        tracer: KillTracer | None = None,
+        provenance: Provenance | None = None,
+    ) -> None:
+        self.sys = syscalls
+        self.proc = procfs or ProcFs()
+        self.clock = clock
+        self.options = options or KillOptions()
+        self.tracer = tracer
+        self.provenance = provenance or Provenance()
+        self._mrelease_supported = True
+        self._reaper: ReaperThread | None = None
+
+    @property
+    def reaper(self) -> ReaperThread:
+        if self._reaper is None:
+            self._reaper = ReaperThread(self.sys, self.clock)
+        return self._reaper
+
+    def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.stop()
+            self._reaper = None
+
+    # -------------------------------------------------------------------------------------------
+    def snapshot(self, pid: int) -> Victim:
+        """What we know of ``pid`` now (identity and description). Raises FileNotFoundError if gone."""
+        st = self.proc.stat(pid)
+        victim = Victim(pid=pid, comm=st.comm, start_time_ticks=st.start_time_ticks)
+        return self._describe(victim)
+
+    def _describe(self, v: Victim) -> Victim:
+        """Fill what a snapshot lacks (cmdline, cgroup, adj); each piece is optional."""
+        update: dict[str, object] = {}
+        try:
+            if v.cmdline is None:
+                update["cmdline"] = " ".join(self.proc.cmdline(v.pid))[:512]
+            if v.cgroup is None:
+                update["cgroup"] = cgroup_v2_path(self.proc.cgroup(v.pid))
+            if v.oom_score_adj is None:
+                update["oom_score_adj"] = self.proc.oom_score_adj(v.pid)
+        except (FileNotFoundError, ProcParseError) as exc:
+            log.debug("kill.describe_failed", pid=v.pid, reason=str(exc))
+        return v.model_copy(update=update) if update else v
+
+    def kill(
+        self,
+        expected: Victim,
+        *,
+        dry_run: bool = False,
+        pressure: Pressure | None = None,
+    ) -> KillRecord:
+        """Kill ``expected.pid`` if it is still the process ``expected`` describes.
+
+        ``expected.start_time_ticks`` is the identity: when None the process found now is taken as is
+        (the CLI's "kill this pid now"). Returns the record; never raises for kill failures.
+        """
+        t_start = self.clock()
+        notes: list[str] = []
+        b = _RecordBuilder(expected, t_start, dry_run, pressure, notes)
+        # 1. pidfd first, then the identity check: once the pidfd is open it names one process for
+        #    good, so a start time read after opening it that matches proves the pidfd is our victim.
+        try:
+            pidfd = self.sys.pidfd_open(expected.pid, 0)
+        except OSError as exc:
+            outcome = Outcome.GONE if exc.errno == errno.ESRCH else Outcome.SIGNAL_FAILED
+            return self._finish(b, outcome, error=f"pidfd_open: {_err(exc)}")
+        b.steps["pidfd_opened_ns"] = self.clock()
+        try:
+            return self._kill_with_pidfd(b, pidfd, expected, dry_run)
+        finally:
+            _close(pidfd)
+
+    def _kill_with_pidfd(self, b: _RecordBuilder, pidfd: int, expected: Victim, dry_run: bool) -> KillRecord:
+        try:
+            st = self.proc.stat(expected.pid)
+        except (FileNotFoundError, ProcParseError) as exc:
+            return self._finish(b, Outcome.GONE, error=f"stat after pidfd_open: {exc}")
+        b.steps["identity_checked_ns"] = self.clock()
+        if expected.start_time_ticks is not None and st.start_time_ticks != expected.start_time_ticks:
+            return self._finish(
+                b,
+                Outcome.REFUSED_IDENTITY,
+                error=(
+                    f"pid {expected.pid} now has start time {st.start_time_ticks}, expected "
+                    f"{expected.start_time_ticks}: another process reuses the pid; nothing signalled"
+                ),
+            )
+        victim = expected.model_copy(update={"start_time_ticks": st.start_time_ticks, "comm": st.comm})
+        # 2. sizes by kind, just before the kill.
+        try:
+            status = self.proc.status(expected.pid)
+            victim = victim.model_copy(
+                update={
+                    "uid": status.uid,
+                    "threads": status.threads,
+                    "rss_kib": status.vm_rss_kib,
+                    "rss_anon_kib": status.rss_anon_kib,
+                    "rss_file_kib": status.rss_file_kib,
+                    "rss_shmem_kib": status.rss_shmem_kib,
+                    "swap_kib": status.vm_swap_kib,
+                }
+            )
+        except (FileNotFoundError, ProcParseError) as exc:
+            b.notes.append(f"status unreadable before the kill: {exc}")
+        b.victim = self._describe(victim)
+        b.mem_before = self._mem_available(b)
+        b.steps["sizes_read_ns"] = self.clock()
+        if dry_run:
+            return self._finish(b, Outcome.DRY_RUN)
+        return self._signal_and_wait(b, pidfd)
+
+    def _signal_and_wait(self, b: _RecordBuilder, pidfd: int) -> KillRecord:
+        opts = self.options
+        reaper = self.reaper
+        do_mrelease = opts.mrelease and self._mrelease_supported
+        if self.tracer is not None:
+            self.tracer.before_kill(b.victim.pid, reaper.tid)
+        job = reaper.submit(pidfd, do_mrelease)
+        job.signalled.wait()
+        if job.signal_error is not None:
+            exc = job.signal_error
+            outcome = Outcome.GONE if exc.errno == errno.ESRCH else Outcome.SIGNAL_FAILED
+            b.mrelease = Mrelease(status=MreleaseStatus.NOT_ATTEMPTED, reaper_tid=reaper.tid)
+            return self._finish(b, outcome, error=f"pidfd_send_signal: {_err(exc)}")
+        assert job.signal_sent_ns is not None
+        b.steps["signal_sent_ns"] = job.signal_sent_ns
+        log.info("kill.sent", pid=b.victim.pid, comm=b.victim.comm, rss_kib=b.victim.rss_kib)
+
+        target = self._recovery_target(b.victim)
+        b.recovery_target = target
+        b.exit_timeout_ns = opts.exit_timeout_ns
+        exit_deadline = job.signal_sent_ns + opts.exit_timeout_ns
+        recovery_deadline: int | None = None
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        interval_ms = max(1, opts.mem_poll_interval_ns // 1_000_000)
+        while True:
+            now = self.clock()
+            if b.steps.get("exit_observed_ns") is None and poller.poll(interval_ms):
+                exit_ns = self.clock()
+                b.steps["exit_observed_ns"] = exit_ns
+                recovery_deadline = exit_ns + opts.mem_recovery_timeout_ns
+            if b.steps.get("mem_recovered_ns") is None and b.mem_before is not None:
+                avail = self._mem_available(b)
+                if avail is not None and (target is None or avail - b.mem_before >= target):
+                    b.steps["mem_recovered_ns"] = self.clock()
+            exited = b.steps.get("exit_observed_ns") is not None
+            recovered = b.steps.get("mem_recovered_ns") is not None or b.mem_before is None
+            if exited and job.done.is_set() and recovered:
+                break
+            if not exited and now >= exit_deadline:
+                break
+            if exited and recovery_deadline is not None and now >= recovery_deadline and job.done.is_set():
+                b.notes.append(
+                    f"MemAvailable did not rise by the target {target} KiB within "
+                    f"{opts.mem_recovery_timeout_ns // 1_000_000} ms of the exit"
+                )
+                break
+            if exited:
+                time.sleep(opts.mem_poll_interval_ns / 1e9)
+        job.done.wait(timeout=opts.exit_timeout_ns / 1e9)
+        b.mrelease = self._mrelease_result(job, do_mrelease, reaper.tid)
+        b.steps["mrelease_start_ns"] = job.mrelease_start_ns
+        b.steps["mrelease_end_ns"] = job.mrelease_end_ns
+        if self.tracer is not None:
+            b.kernel = self.tracer.after_kill(
+                b.victim.pid, reaper.tid, b.victim.rss_kib, b.mrelease.wall_ns
+            )
+        b.mem_after = self._mem_available(b)
+        if b.steps.get("exit_observed_ns") is None:
+            return self._finish(
+                b,
+                Outcome.EXIT_TIMEOUT,
+                error=f"no exit within {opts.exit_timeout_ns // 1_000_000} ms of SIGKILL",
+            )
+        return self._finish(b, Outcome.KILLED)
+
+    def _recovery_target(self, v: Victim) -> int | None:
+        """KiB MemAvailable must rise by to call the memory back: the freed anonymous and shmem pages.
+        File pages stay in the page cache and were already counted as available; below 1 MiB the
+        signal is lost in the noise, so the exit alone counts."""
+        freeable = (v.rss_anon_kib or 0) + (v.rss_shmem_kib or 0)
+        target = int(freeable * self.options.mem_recovery_fraction)
+        return target if target >= 1024 else None
+
+    def _mrelease_result(self, job: _ReapJob, attempted: bool, tid: int) -> Mrelease:
+        if not attempted:
+            if not self.options.mrelease:
+                return Mrelease(status=MreleaseStatus.DISABLED, reaper_tid=tid)
+            return Mrelease(
+                status=MreleaseStatus.UNSUPPORTED,
+                reaper_tid=tid,
+                note="process_mrelease gave ENOSYS earlier (kernel < 5.15): kill only",
+            )
+        wall = (
+            job.mrelease_end_ns - job.mrelease_start_ns
+            if job.mrelease_end_ns is not None and job.mrelease_start_ns is not None
+            else None
+        )
+        common = {
+            "ret": job.mrelease_ret,
+            "errno": job.mrelease_errno,
+            "errno_name": errno_name(job.mrelease_errno),
+            "wall_ns": wall,
+            "thread_cpu_ns": job.thread_cpu_ns,
+            "reaper_tid": tid,
+        }
+        retry_note = f"retried {job.retries}x after a transient error" if job.retries else None
+        err = job.mrelease_errno
+        if err is None:
+            return Mrelease(status=MreleaseStatus.OK, note=retry_note, **common)
+        if err == errno.ESRCH:
+            note = "the victim dropped its mm before the reaper got to it (benign race on a fast exit)"
+            return Mrelease(status=MreleaseStatus.ALREADY_RELEASED, note=note, **common)
+        if err == errno.ENOSYS:
+            self._mrelease_supported = False
+            log.warning("reap.unsupported", reason="process_mrelease: ENOSYS (kernel < 5.15); kill only from now")
+            return Mrelease(
+                status=MreleaseStatus.UNSUPPORTED,
+                note="ENOSYS: kernel < 5.15; kill only from now on",
+                **common,
+            )
+        notes = {
+            errno.EINVAL: "EINVAL: the task is not dying, or its mm is shared with a live process",
+            errno.EBADF: "EBADF: not a pidfd",
+            errno.EINTR: "EINTR: interrupted while taking mmap_lock",
+            errno.EAGAIN: "EAGAIN: an MMU notifier refused",
+            errno.EPERM: "EPERM: not permitted",
+        }
+        note = notes.get(err, f"process_mrelease failed: {errno_name(err)}")
+        if retry_note:
+            note = f"{note}; {retry_note}"
+        log.warning("reap.failed", errno=errno_name(err), note=note)
+        return Mrelease(status=MreleaseStatus.ERROR, note=note, **common)
+
+    def _mem_available(self, b: _RecordBuilder) -> int | None:
+        try:
+            return self.proc.mem_available_kib()
+        except (OSError, ProcParseError) as exc:
+            msg = f"MemAvailable unreadable: {exc}"
+            if msg not in b.notes:
+                b.notes.append(msg)
+            return None
+
+    def _finish(self, b: _RecordBuilder, outcome: Outcome, error: str | None = None) -> KillRecord:
+        b.steps["end_ns"] = self.clock()
+        record = b.build(outcome, error, self.provenance)
+        level = "info" if outcome in (Outcome.KILLED, Outcome.DRY_RUN) else "warning"
+        getattr(log, level)(
+            "kill.done",
+            outcome=outcome.value,
+            pid=record.victim.pid,
+            kill_to_exit_ms=_ms(record.kill_to_exit_ns),
+            mrelease=record.mrelease.status.value,
+            error=error,
+        )
+        return record
+
+
+class _RecordBuilder:
+    """Collects the pieces of one record as the kill proceeds."""
+
+    def __init__(
+        self, victim: Victim, t_start: int, dry_run: bool, pressure: Pressure | None, notes: list[str]
+    ) -> None:
+        self.victim = victim
+        self.dry_run = dry_run
+        self.pressure = pressure
+        self.notes = notes
+        self.steps: dict[str, int | None] = {"start_ns": t_start}
+        self.mem_before: int | None = None
+        self.mem_after: int | None = None
+        self.recovery_target: int | None = None
+        self.mrelease = Mrelease(status=MreleaseStatus.NOT_ATTEMPTED)
+        self.kernel: KernelTimeline | None = None
+        self.exit_timeout_ns: int | None = None
+
+    def build(self, outcome: Outcome, error: str | None, provenance: Provenance) -> KillRecord:
+        steps = Steps.model_validate(self.steps)
+        sent = steps.signal_sent_ns
+        mem_after = self.mem_after
+        pressure = self.pressure
+        if pressure is not None and pressure.event_ns is not None:
+            decided = sent if sent is not None else steps.sizes_read_ns
+            if decided is not None:
+                pressure = pressure.model_copy(update={"decision_latency_ns": decided - pressure.event_ns})
+        return KillRecord(
+            record_id=str(uuid.uuid4()),
+            wall_time=datetime.now(UTC).isoformat(timespec="microseconds"),
+            outcome=outcome,
+            dry_run=self.dry_run,
+            victim=self.victim,
+            steps=steps,
+            mrelease=self.mrelease,
+            mem_available_before_kib=self.mem_before,
+            mem_available_after_kib=mem_after,
+            mem_recovered_kib=(
+                mem_after - self.mem_before if mem_after is not None and self.mem_before is not None else None
+            ),
+            mem_recovery_target_kib=self.recovery_target,
+            kill_to_exit_ns=_diff(steps.exit_observed_ns, sent),
+            kill_to_mem_recovered_ns=_diff(steps.mem_recovered_ns, sent),
+            exit_timeout_ns=self.exit_timeout_ns,
+            error=error,
+            notes=list(self.notes),
+            pressure=pressure,
+            kernel=self.kernel,
+            provenance=provenance,
+        )
+
+
+def _diff(later: int | None, earlier: int | None) -> int | None:
+    return later - earlier if later is not None and earlier is not None else None
+
+
+def _ms(ns: int | None) -> float | None:
+    return round(ns / 1e6, 3) if ns is not None else None
+
+
+def _err(exc: OSError) -> str:
+    return f"{errno_name(exc.errno)} ({exc.strerror})"
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError as exc:  # EBADF from a fake pidfd: nothing to release
+        log.debug("kill.close_failed", fd=fd, reason=str(exc))

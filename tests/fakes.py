@@ -1,0 +1,45 @@
+"""Fakes for what this machine cannot produce on demand: scripted errno values from the kernel."""
+
+from __future__ import annotations
+
+import os
+
+from lmkd_py.syscalls import LinuxSyscalls
+
+
+class ScriptedSyscalls:
+    """The real syscalls, except that the calls named in ``fail`` raise the scripted errno instead
+    (``process_mrelease`` still runs after a real SIGKILL; only its answer is replaced).
+    ``calls`` logs every call by name, so a test can prove what was (not) done."""
+
+    def __init__(self, fail: dict[str, int] | None = None, times: int | None = None) -> None:
+        self.real = LinuxSyscalls()
+        self.fail = dict(fail or {})
+        self.times = times  # fail only the first N calls of each scripted name (None: always)
+        self.calls: list[str] = []
+        self._count: dict[str, int] = {}
+
+    def _maybe_fail(self, name: str) -> None:
+        self.calls.append(name)
+        if name in self.fail:
+            n = self._count.get(name, 0)
+            self._count[name] = n + 1
+            if self.times is None or n < self.times:
+                err = self.fail[name]
+                raise OSError(err, os.strerror(err))
+
+    def pidfd_open(self, pid: int, flags: int = 0) -> int:
+        self._maybe_fail("pidfd_open")
+        return self.real.pidfd_open(pid, flags)
+
+    def pidfd_send_signal(self, pidfd: int, sig: int) -> None:
+        self._maybe_fail("pidfd_send_signal")
+        self.real.pidfd_send_signal(pidfd, sig)
+
+    def process_mrelease(self, pidfd: int, flags: int = 0) -> int:
+        self._maybe_fail("process_mrelease")
+        return self.real.process_mrelease(pidfd, flags)
+
+    def mlockall(self, flags: int) -> None:
+        self._maybe_fail("mlockall")
+        self.real.mlockall(flags)
