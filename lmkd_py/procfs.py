@@ -196,6 +196,19 @@ def parse_meminfo(text: str) -> dict[str, int]:
     return out
 
 
+def parse_mem_available(text: str) -> int | None:
+    """The MemAvailable value (KiB) of a /proc/meminfo text, or None when the line is absent."""
+    at = text.find("MemAvailable:")
+    if at < 0:
+        return None
+    end = text.find("\n", at)
+    fields = text[at + 13 : end if end >= 0 else None].split()
+    try:
+        return int(fields[0])
+    except (ValueError, IndexError):
+        raise ProcParseError(f"meminfo: MemAvailable is not a number: {fields!r}") from None
+
+
 @dataclass(frozen=True, slots=True)
 class PsiLine:
     avg10: float
@@ -239,59 +252,71 @@ def count_maps_lines(text: str) -> int:
 
 class ProcFs:
     """Reads /proc (or a fake tree) under ``root``. Errors for a vanished pid propagate
-    (FileNotFoundError or ProcessLookupError); parse errors raise ProcParseError."""
+    (FileNotFoundError or ProcessLookupError); parse errors raise ProcParseError.
+
+    Paths are built as strings, not pathlib objects: a candidate refresh reads thousands of small files
+    and pathlib's per-call overhead was most of its cost (measured in benchmarks/decision_latency.py)."""
 
     def __init__(self, root: Path = Path("/proc")) -> None:
         self.root = root
+        self._root = str(root)
 
-    def _pid_dir(self, pid: int) -> Path:
-        return self.root / str(pid)
-
-    def _read(self, path: Path) -> str:
+    def _read(self, path: str) -> str:
         try:
-            return path.read_text(errors="replace")
+            with open(path, errors="replace") as fh:
+                return fh.read()
         except ProcessLookupError:
             # Reading a file of a process that is exiting can give ESRCH; same as vanished.
-            raise FileNotFoundError(str(path)) from None
+            raise FileNotFoundError(path) from None
+
+    def _pid_file(self, pid: int, name: str) -> str:
+        return f"{self._root}/{pid}/{name}"
 
     def pids(self) -> Iterator[int]:
         """Thread-group ids present now (the numeric entries of the root)."""
-        for name in os.listdir(self.root):
+        for name in os.listdir(self._root):
             if name.isdigit():
                 yield int(name)
 
     def stat(self, pid: int) -> ProcStat:
-        return parse_stat(self._read(self._pid_dir(pid) / "stat"))
+        return parse_stat(self._read(self._pid_file(pid, "stat")))
 
     def status(self, pid: int) -> ProcStatus:
-        return parse_status(self._read(self._pid_dir(pid) / "status"))
+        return parse_status(self._read(self._pid_file(pid, "status")))
 
     def oom_score_adj(self, pid: int) -> int:
-        return parse_oom_score_adj(self._read(self._pid_dir(pid) / "oom_score_adj"))
+        return parse_oom_score_adj(self._read(self._pid_file(pid, "oom_score_adj")))
 
     def cmdline(self, pid: int) -> list[str]:
+        path = self._pid_file(pid, "cmdline")
         try:
-            return parse_cmdline((self._pid_dir(pid) / "cmdline").read_bytes())
+            with open(path, "rb") as fh:
+                return parse_cmdline(fh.read())
         except ProcessLookupError:
-            raise FileNotFoundError(str(self._pid_dir(pid) / "cmdline")) from None
+            raise FileNotFoundError(path) from None
+
+    def uid(self, pid: int) -> int:
+        """Owner of the process' /proc directory (its effective uid at exec)."""
+        return os.stat(f"{self._root}/{pid}").st_uid
 
     def cgroup(self, pid: int) -> list[CgroupEntry]:
-        return parse_cgroup(self._read(self._pid_dir(pid) / "cgroup"))
+        return parse_cgroup(self._read(self._pid_file(pid, "cgroup")))
 
     def vma_count(self, pid: int) -> int:
-        return count_maps_lines(self._read(self._pid_dir(pid) / "maps"))
+        return count_maps_lines(self._read(self._pid_file(pid, "maps")))
 
     def meminfo(self) -> dict[str, int]:
-        return parse_meminfo(self._read(self.root / "meminfo"))
+        return parse_meminfo(self._read(f"{self._root}/meminfo"))
 
     def mem_available_kib(self) -> int | None:
-        return self.meminfo().get("MemAvailable")
+        """MemAvailable alone: sampled every few ms during a kill, so no full parse."""
+        return parse_mem_available(self._read(f"{self._root}/meminfo"))
 
     def pressure(self, resource: str = "memory") -> Psi:
-        return parse_pressure(self._read(self.root / "pressure" / resource))
+        return parse_pressure(self._read(f"{self._root}/pressure/{resource}"))
 
     def boot_id(self) -> str | None:
         try:
-            return self._read(self.root / "sys" / "kernel" / "random" / "boot_id").strip()
+            return self._read(f"{self._root}/sys/kernel/random/boot_id").strip()
         except OSError:
             return None
