@@ -1,0 +1,164 @@
+"""The warm candidate table: every killable-looking process, refreshed off the kill path.
+
+A full refresh reads two small files per process (``stat`` and ``oom_score_adj``); ``cmdline``, the
+uid and the cgroup are read once per process (keyed by pid and start time) since they rarely change.
+At decision time only the first few ranked candidates are read again (``recheck``): identity, adj,
+and RSS + swap from ``status``. See design.md, "The decision must not scan".
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from pathlib import Path
+
+import structlog
+
+from lmkd_py.policy import OOM_SCORE_ADJ_MIN, Candidate, Choice, Rules, band_prefix, rank_victims
+from lmkd_py.procfs import ProcFs, ProcParseError, cgroup_v2_path
+
+log = structlog.get_logger("lmkd_py.candidates")
+PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def cgroup_v2_relpath(directory: Path, mounts_text: str) -> str | None:
+    """The cgroup v2 path ("/a/b") of a directory under a cgroup2 mount, from /proc/self/mounts text."""
+    directory = directory.resolve()
+    best: Path | None = None
+    for line in mounts_text.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[2] == "cgroup2":
+            mnt = Path(parts[1])
+            if (directory == mnt or mnt in directory.parents) and (best is None or len(mnt.parts) > len(best.parts)):
+                best = mnt
+    if best is None:
+        return None
+    rel = directory.relative_to(best).as_posix()
+    return "/" if rel == "." else "/" + rel
+
+
+def subtree_pids(directory: Path) -> set[int]:
+    """Pids in a cgroup v2 directory and all its descendants (cgroup.procs of each)."""
+    pids: set[int] = set()
+    for root, _dirs, files in os.walk(directory):
+        if "cgroup.procs" in files:
+            try:
+                with open(os.path.join(root, "cgroup.procs")) as fh:
+                    pids.update(int(x) for x in fh.read().split())
+            except (OSError, ValueError) as exc:
+                log.debug("candidates.cgroup_read_failed", path=root, reason=str(exc))
+    return pids
+
+
+class CandidateTable:
+    """Candidates as of the last refresh; ``rank`` is cheap, ``refresh`` reads /proc."""
+
+    def __init__(
+        self,
+        procfs: ProcFs,
+        rules: Rules,
+        *,
+        scope_dir: Path | None = None,
+        clock: Callable[[], int],
+    ) -> None:
+        self.proc = procfs
+        self.rules = rules
+        self.scope_dir = scope_dir
+        self.clock = clock
+        self._cands: dict[int, Candidate] = {}
+        self._static: dict[tuple[int, int], tuple[str, int | None, str | None]] = {}
+        self._ranked: list[Choice] = []
+        self.refreshed_ns: int | None = None
+        self.last_refresh_cost_ns: int | None = None
+
+    def __len__(self) -> int:
+        return len(self._cands)
+
+    def _pids(self) -> Iterable[int]:
+        if self.scope_dir is not None:
+            return subtree_pids(self.scope_dir)
+        return self.proc.pids()
+
+    def refresh(self) -> None:
+        t0 = self.clock()
+        fresh: dict[int, Candidate] = {}
+        static: dict[tuple[int, int], tuple[str, int | None, str | None]] = {}
+        for pid in self._pids():
+            c = self._read(pid, static)
+            if c is not None:
+                fresh[pid] = c
+        self._cands = fresh
+        self._static = static
+        # Rank once, for every level: a level's choices are a prefix of this (band_prefix).
+        self._ranked = rank_victims(fresh.values(), OOM_SCORE_ADJ_MIN + 1, self.rules)
+        self.refreshed_ns = self.clock()
+        self.last_refresh_cost_ns = self.refreshed_ns - t0
+
+    def _read(self, pid: int, static: dict[tuple[int, int], tuple[str, int | None, str | None]]) -> Candidate | None:
+        try:
+            st = self.proc.stat(pid)
+            if st.is_kernel_thread or st.state in ("Z", "X"):
+                return None
+            adj = self.proc.oom_score_adj(pid)
+            key = (pid, st.start_time_ticks)
+            info = self._static.get(key)
+            if info is None:
+                cmdline = " ".join(self.proc.cmdline(pid))[:512]
+                uid = self.proc.uid(pid)
+                cgroup = cgroup_v2_path(self.proc.cgroup(pid))
+                info = (cmdline, uid, cgroup)
+            static[key] = info
+        except (FileNotFoundError, ProcessLookupError, ProcParseError) as exc:
+            log.debug("candidates.skip", pid=pid, reason=str(exc) or type(exc).__name__)
+            return None
+        except PermissionError as exc:
+            log.debug("candidates.skip", pid=pid, reason=f"permission: {exc}")
+            return None
+        prev = self._cands.get(pid)
+        swap = prev.swap_kib if prev is not None and prev.start_time_ticks == st.start_time_ticks else 0
+        return Candidate(
+            pid=pid,
+            start_time_ticks=st.start_time_ticks,
+            comm=st.comm,
+            oom_score_adj=adj,
+            rss_kib=st.rss_pages * PAGE_KIB,
+            swap_kib=swap,
+            cmdline=info[0],
+            uid=info[1],
+            cgroup=info[2],
+            ppid=st.ppid,
+            kernel_thread=st.is_kernel_thread,
+        )
+
+    def rank(self, min_adj: int) -> list[Choice]:
+        """The ranking of the last refresh for a level's floor: no /proc reads, no sorting."""
+        return band_prefix(self._ranked, min_adj)
+
+    def recheck(self, choices: list[Choice], top: int, min_adj: int) -> list[Choice]:
+        """Re-read the first ``top`` choices (identity, adj, RSS + swap), re-rank them, and append the
+        rest unchanged as fallbacks. A process that is gone or now another process is dropped."""
+        fresh: list[Candidate] = []
+        for ch in choices[:top]:
+            c = ch.candidate
+            try:
+                st = self.proc.stat(c.pid)
+                if st.start_time_ticks != c.start_time_ticks or st.state in ("Z", "X"):
+                    continue
+                status = self.proc.status(c.pid)
+                adj = self.proc.oom_score_adj(c.pid)
+            except (FileNotFoundError, ProcessLookupError, ProcParseError, PermissionError) as exc:
+                log.debug("candidates.recheck_drop", pid=c.pid, reason=str(exc) or type(exc).__name__)
+                continue
+            updated = replace(
+                c,
+                oom_score_adj=adj,
+                rss_kib=status.vm_rss_kib if status.vm_rss_kib is not None else st.rss_pages * PAGE_KIB,
+                swap_kib=status.vm_swap_kib or 0,
+                uid=status.uid if status.uid is not None else c.uid,
+            )
+            self._cands[c.pid] = updated
+            fresh.append(updated)
+        # Only the head is re-ranked; the tail keeps the refresh's order as fallbacks (its ``rank``
+        # fields are positions in that ranking; a caller numbers the list it gets by enumerate).
+        return rank_victims(fresh, min_adj, self.rules) + choices[top:]
