@@ -1,0 +1,211 @@
+"""The loop's rules with fakes for the pressure source, the table and the killer; times are real
+values on a FakeClock (cooldowns are tested at their configured lengths, not at zero)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+
+from lmkd_py.config import Config, KillConfig, Level
+from lmkd_py.daemon import Daemon
+from lmkd_py.policy import Candidate, Choice
+from lmkd_py.procfs import Psi, PsiLine
+from lmkd_py.psi import PressureEvent, TriggerUnavailable
+from lmkd_py.records import KillRecord, ListSink, Mrelease, MreleaseStatus, Outcome, Pressure, Steps, Victim
+
+MEDIUM = Level(name="medium", stall="some", threshold_us=200_000, window_us=2_000_000, min_oom_score_adj=800)
+LOW = Level(name="low", stall="some", threshold_us=100_000, window_us=2_000_000, min_oom_score_adj=1001)
+CRIT = Level(name="critical", stall="full", threshold_us=100_000, window_us=2_000_000, min_oom_score_adj=0)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 10**12
+
+    def __call__(self) -> int:
+        return self.t
+
+
+class Source:
+    description = "fake"
+
+    def __init__(self, clock: FakeClock, psi_seq: list[Psi] | None = None) -> None:
+        self.clock = clock
+        self.script: list[Any] = []
+        self.psi_seq = psi_seq or []
+        self.closed = False
+
+    def wait(self, timeout_ns: int | None) -> list[PressureEvent]:
+        item = self.script.pop(0) if self.script else []
+        if isinstance(item, Exception):
+            raise item
+        return item  # type: ignore[no-any-return]
+
+    def read(self) -> Psi | None:
+        if len(self.psi_seq) > 1:
+            return self.psi_seq.pop(0)
+        return self.psi_seq[0] if self.psi_seq else Psi(PsiLine(5.0, 1, 1, 1000), PsiLine(1.0, 0, 0, 10))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Table:
+    def __init__(self, cands: list[Candidate]) -> None:
+        self.cands = cands
+        self.refreshes = 0
+
+    def __len__(self) -> int:
+        return len(self.cands)
+
+    def refresh(self) -> None:
+        self.refreshes += 1
+
+    def rank(self, min_adj: int) -> list[Choice]:
+        from lmkd_py.policy import Rules, rank_victims
+
+        return rank_victims(self.cands, min_adj, Rules())
+
+    def recheck(self, choices: list[Choice], top: int, min_adj: int) -> list[Choice]:
+        return choices
+
+    last_refresh_cost_ns = 0
+
+
+class FakeKiller:
+    def __init__(self, clock: FakeClock, outcomes: list[Outcome], kill_ns: int = 50_000_000) -> None:
+        self.clock = clock
+        self.outcomes = outcomes
+        self.kill_ns = kill_ns
+        self.killed: list[int] = []
+        self.tracer = None
+
+    def kill(self, expected: Victim, *, dry_run: bool = False, pressure: Pressure | None = None) -> KillRecord:
+        start = self.clock.t
+        self.clock.t += self.kill_ns
+        self.killed.append(expected.pid)
+        outcome = Outcome.DRY_RUN if dry_run else (self.outcomes.pop(0) if self.outcomes else Outcome.KILLED)
+        return KillRecord(record_id="x", wall_time="t", outcome=outcome, dry_run=dry_run, victim=expected,
+                          steps=Steps(start_ns=start, end_ns=self.clock.t), pressure=pressure,
+                          mrelease=Mrelease(status=MreleaseStatus.OK))
+
+    def close(self) -> None:
+        pass
+
+
+def cand(pid: int, adj: int, rss: int) -> Candidate:
+    return Candidate(pid=pid, start_time_ticks=1, comm=f"p{pid}", oom_score_adj=adj, rss_kib=rss)
+
+
+def make(outcomes: list[Outcome] | None = None, cfg: Config | None = None, **kw: Any) -> tuple[Daemon, Any]:
+    clock = FakeClock()
+    src = Source(clock, kw.pop("psi_seq", None))
+    table = Table(kw.pop("cands", [cand(10, 900, 5000), cand(11, 900, 9000), cand(12, 0, 99_000)]))
+    killer = FakeKiller(clock, outcomes or [])
+    sink = ListSink()
+    d = Daemon(cfg or Config(), source=src, killer=killer, table=table, sink=sink, clock=clock)  # type: ignore[arg-type]
+    return d, (clock, src, table, killer, sink)
+
+
+def ev(level: Level, clock: FakeClock) -> PressureEvent:
+    return PressureEvent(level, clock.t, "trigger", "fake")
+
+
+def test_event_kills_first_choice_and_records_pressure() -> None:
+    d, (clock, _src, _table, killer, sink) = make()
+    d.handle([ev(MEDIUM, clock)])
+    assert killer.killed == [11]  # adj 900 band, larger first; pid 12 (adj 0) is below the medium floor
+    (rec,) = sink.records
+    assert rec.pressure is not None and rec.pressure.level == "medium" and rec.pressure.rank == 0
+    assert rec.pressure.some_avg10 == 5.0 and rec.pressure.reason
+
+
+def test_most_severe_level_decides() -> None:
+    d, (clock, _src, _t, killer, _s) = make()
+    d.handle([ev(MEDIUM, clock), ev(CRIT, clock)])
+    assert killer.killed == [11]  # still the adj-900 band first, but critical's floor (0) applied
+    d2, (clock2, _s2, _t2, killer2, _k2) = make(cands=[cand(12, 0, 99_000)])
+    d2.handle([ev(MEDIUM, clock2)])
+    assert killer2.killed == []
+    d2.handle([ev(CRIT, clock2)])
+    assert killer2.killed == [12]
+
+
+def test_failed_kill_falls_through_to_next_choice() -> None:
+    d, (clock, _src, _t, killer, sink) = make([Outcome.GONE, Outcome.SIGNAL_FAILED, Outcome.KILLED])
+    d.handle([ev(CRIT, clock)])
+    assert killer.killed == [11, 10, 12]
+    assert [r.outcome for r in sink.records] == [Outcome.GONE, Outcome.SIGNAL_FAILED, Outcome.KILLED]
+
+
+def test_max_attempts_bounds_the_fallthrough() -> None:
+    cfg = Config(kill=KillConfig(max_attempts=2))
+    d, (clock, _src, _t, killer, sink) = make([Outcome.GONE] * 5, cfg)
+    d.handle([ev(CRIT, clock)])
+    assert len(killer.killed) == 2 and len(sink.records) == 2
+
+
+def test_cooldown_at_its_configured_length() -> None:
+    cfg = Config(kill=KillConfig(min_interval_ms=1500))
+    d, (clock, _src, _t, killer, _s) = make(cfg=cfg)
+    d.handle([ev(CRIT, clock)])
+    clock.t += 1_400_000_000
+    d.handle([ev(CRIT, clock)])
+    assert len(killer.killed) == 1 and d.stats.skipped_cooldown == 1
+    clock.t += 100_000_001
+    d.handle([ev(CRIT, clock)])
+    assert len(killer.killed) == 2
+
+
+def test_low_level_only_refreshes() -> None:
+    d, (clock, _src, table, killer, _s) = make()
+    d.handle([ev(LOW, clock)])
+    assert killer.killed == [] and table.refreshes == 1
+
+
+def test_recheck_skips_when_pressure_is_gone() -> None:
+    quiet = Psi(PsiLine(0.0, 0, 0, 777), PsiLine(0.0, 0, 0, 5))
+    d, (clock, _src, _t, killer, _s) = make(psi_seq=[quiet, quiet])
+    d.handle([ev(CRIT, clock)])
+    assert killer.killed == [] and d.stats.skipped_recovered == 1
+    growing = [Psi(PsiLine(0.0, 0, 0, 777), PsiLine(0.0, 0, 0, 5)), Psi(PsiLine(0.0, 0, 0, 900), PsiLine(0.0, 0, 0, 9))]
+    d2, (clock2, _s2, _t2, killer2, _k2) = make(psi_seq=growing)
+    d2.handle([ev(CRIT, clock2)])
+    assert killer2.killed == [11]
+
+
+def test_no_candidate_is_logged_not_fatal() -> None:
+    d, (clock, _src, _t, killer, sink) = make(cands=[])
+    with structlog.testing.capture_logs() as logs:
+        d.handle([ev(CRIT, clock)])
+    assert killer.killed == [] and sink.records == []
+    assert any(e["event"] == "kill.no_candidate" for e in logs)
+
+
+def test_dry_run_records_would_be_victim() -> None:
+    d, (clock, _src, _t, _killer, sink) = make(cfg=Config(dry_run=True))
+    d.handle([ev(MEDIUM, clock)])
+    (rec,) = sink.records
+    assert rec.dry_run and rec.outcome is Outcome.DRY_RUN and rec.victim.pid == 11
+
+
+def test_loop_survives_an_exception_and_a_lost_source() -> None:
+    d, (clock, src, _t, killer, _s) = make()
+    src.script = [RuntimeError("boom"), TriggerUnavailable(19, "gone"), [ev(CRIT, clock)]]
+    reopened = []
+
+    def reopen() -> Source:
+        reopened.append(1)
+        return src
+
+    d.reopen_source = reopen  # type: ignore[assignment]
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(3):
+            try:
+                d.iterate(0)
+            except RuntimeError:
+                d.stats.loop_errors += 1  # run() does this; iterate lets it through to run's guard
+    assert reopened == [1]
+    assert killer.killed == [11]
+    assert any(e["event"] == "psi.source_lost" for e in logs)
