@@ -14,8 +14,8 @@ import subprocess
 import sys
 
 from lmkd_py import log as logsetup
-from lmkd_py.killer import KillOptions, Killer
-from lmkd_py.records import KillRecord, Outcome, Victim
+from lmkd_py.killer import Killer, KillOptions
+from lmkd_py.records import KillRecord, Outcome
 from lmkd_py.syscalls import LinuxSyscalls
 
 VICTIM = """

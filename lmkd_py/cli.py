@@ -135,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_command_parser().parse_args(argv)
         return _dispatch(args)
     args = build_parser().parse_args(argv)
-    from lmkd_py.daemon import cmd_daemon
+    from lmkd_py.service import cmd_daemon
 
     return cmd_daemon(args)
 

@@ -7,29 +7,20 @@ and no kill follows sooner than ``kill.min_interval_ms`` after it.
 
 from __future__ import annotations
 
-import argparse
-import os
-import signal
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from types import FrameType
 from typing import Protocol
 
 import structlog
 
-from lmkd_py import log as logsetup
-from lmkd_py import provenance
-from lmkd_py.candidates import CandidateTable, cgroup_v2_relpath
-from lmkd_py.config import NEVER_KILL_ADJ, Config, ConfigError, load_config
-from lmkd_py.killer import Killer, KillOptions
-from lmkd_py.policy import Choice, Rules
-from lmkd_py.procfs import ProcFs, Psi
-from lmkd_py.psi import PressureEvent, PressureSource, TriggerUnavailable, open_source, pressure_file
+from lmkd_py.candidates import CandidateTable
+from lmkd_py.config import NEVER_KILL_ADJ, Config
+from lmkd_py.killer import Killer
+from lmkd_py.policy import Choice
+from lmkd_py.procfs import Psi
+from lmkd_py.psi import PressureEvent, PressureSource, TriggerUnavailable
 from lmkd_py.records import KillRecord, Outcome, Pressure, Victim
-from lmkd_py.syscalls import LinuxSyscalls
 
 log = structlog.get_logger("lmkd_py.daemon")
 Clock = Callable[[], int]
@@ -257,97 +248,3 @@ def _pressure(event: PressureEvent, psi: Psi | None, choice: Choice, rank: int) 
 
 def _ms(ns: int | None) -> float | None:
     return round(ns / 1e6, 3) if ns is not None else None
-
-
-# -- assembly -------------------------------------------------------------------------------------
-def apply_overrides(cfg: Config, args: argparse.Namespace) -> Config:
-    """CLI flags over the config file (CLI wins)."""
-    update: dict[str, object] = {}
-    if getattr(args, "dry_run", None):
-        update["dry_run"] = True
-    if getattr(args, "tracing", None):
-        update["tracing"] = args.tracing
-    if getattr(args, "log_level", None):
-        update["log_level"] = args.log_level
-    if getattr(args, "records", None):
-        update["records"] = cfg.records.model_copy(update={"path": args.records})
-    if getattr(args, "cgroup", None):
-        update["pressure"] = cfg.pressure.model_copy(update={"cgroup": args.cgroup})
-    return cfg.model_copy(update=update) if update else cfg
-
-
-def kill_options(cfg: Config) -> KillOptions:
-    k = cfg.kill
-    return KillOptions(
-        mrelease=k.mrelease,
-        exit_timeout_ns=k.exit_timeout_ms * 1_000_000,
-        mem_recovery_timeout_ns=k.mem_recovery_timeout_ms * 1_000_000,
-        mem_recovery_fraction=k.mem_recovery_fraction,
-    )
-
-
-def build(cfg: Config, *, sink: Sink, wake_fd: int | None = None, procfs: ProcFs | None = None) -> Daemon:
-    """Assemble a daemon from a config. Raises OSError when no pressure source can be had at all."""
-    proc = procfs or ProcFs()
-    scope = cfg.pressure.cgroup
-    scope_rel = None
-    if scope is not None:
-        if not (scope / "cgroup.procs").exists():
-            raise FileNotFoundError(f"{scope}: not a cgroup v2 directory (no cgroup.procs)")
-        scope_rel = cgroup_v2_relpath(scope, Path("/proc/self/mounts").read_text())
-    rules = Rules.from_config(cfg.policy, self_pids={os.getpid()}, scope_cgroup=scope_rel)
-    table = CandidateTable(proc, rules, scope_dir=scope, clock=time.monotonic_ns)
-    path = pressure_file(scope)
-    interval_ns = cfg.pressure.poll_interval_ms * 1_000_000
-
-    def open_() -> PressureSource:
-        return open_source(cfg.pressure.source, path, cfg.pressure.levels, interval_ns, wake_fd=wake_fd)
-
-    killer = Killer(LinuxSyscalls(), proc, options=kill_options(cfg), provenance=provenance.collect(cfg.digest()))
-    if cfg.tracing != "off" and not cfg.dry_run:
-        from lmkd_py.tracing import open_tracer
-
-        killer.tracer = open_tracer(cfg.tracing)
-    return Daemon(cfg, source=open_(), killer=killer, table=table, sink=sink, reopen_source=open_)
-
-
-def cmd_daemon(args: argparse.Namespace) -> int:
-    from lmkd_py.records import RecordWriter
-
-    try:
-        cfg = apply_overrides(load_config(args.config), args)
-    except ConfigError as exc:
-        print(f"lmkd-py: invalid config:\n{exc}", file=sys.stderr)
-        return 2
-    logsetup.configure(args.log_format, cfg.log_level)
-    writer = RecordWriter(cfg.records_path(), cfg.records.max_bytes, cfg.records.keep, cfg.records.fsync)
-    rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
-    try:
-        daemon = build(cfg, sink=writer, wake_fd=rfd)
-    except OSError as exc:
-        log.error("daemon.start_failed", reason=str(exc))
-        print(f"lmkd-py: cannot start: {exc}", file=sys.stderr)
-        return 1
-
-    def on_stop(signum: int, _frame: FrameType | None) -> None:
-        daemon.stop_requested = True
-
-    def on_hup(signum: int, _frame: FrameType | None) -> None:
-        daemon.reload_requested = True
-
-    signal.signal(signal.SIGTERM, on_stop)
-    signal.signal(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGHUP, on_hup)
-    log.info("daemon.start", records=str(writer.path), dry_run=cfg.dry_run, config=str(args.config),
-             config_hash=cfg.digest())
-    try:
-        duration = int(args.duration * 1e9) if args.duration is not None else None
-        return daemon.run(duration)
-    finally:
-        daemon.killer.close()
-        if daemon.killer.tracer is not None:
-            daemon.killer.tracer.close()
-        daemon.source.close()
-        if writer.stats.dropped:
-            log.error("records.dropped_total", dropped=writer.stats.dropped, written=writer.stats.written)

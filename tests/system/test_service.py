@@ -1,0 +1,120 @@
+"""lmkd-py as a service, run as a user would: a real NOTIFY_SOCKET the test owns, watchdog pings,
+SIGHUP with a good and a bad config, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+GOOD = """
+dry_run = true
+[kill]
+min_interval_ms = {interval}
+"""
+
+
+class NotifySocket:
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.path = path
+        self.messages: list[str] = []
+
+    def expect(self, needle: str, timeout: float) -> list[str]:
+        """Messages received until one contains ``needle`` (fails after ``timeout`` s)."""
+        deadline = time.monotonic() + timeout
+        got: list[str] = []
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                msg = self.sock.recv(4096).decode()
+            except TimeoutError:
+                break
+            got.append(msg)
+            self.messages.append(msg)
+            if needle in msg:
+                return got
+        raise AssertionError(f"no {needle!r} within {timeout} s; got {got}")
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], NotifySocket, Path]]:
+    sock = NotifySocket(tmp_path / "notify")
+    cfg = tmp_path / "lmkd.toml"
+    cfg.write_text(GOOD.format(interval=1000))
+    env = dict(os.environ, NOTIFY_SOCKET=str(sock.path), WATCHDOG_USEC="1000000")
+    p = subprocess.Popen(
+        [sys.executable, "-m", "lmkd_py.cli", "--config", str(cfg), "--records", str(tmp_path / "r.jsonl"),
+         "--log-format", "json", "--tracing", "off"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        yield p, sock, cfg
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.communicate(timeout=30)
+        sock.sock.close()
+
+
+def _events(stderr: str) -> list[dict[str, object]]:
+    out = []
+    for line in stderr.splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def test_ready_watchdog_reload_and_stop(service: tuple[subprocess.Popen[str], NotifySocket, Path]) -> None:
+    p, sock, cfg = service
+    sock.expect("READY=1", timeout=20)
+    # WATCHDOG_USEC=1 s: the loop must ping well within it, while idle.
+    t0 = time.monotonic()
+    sock.expect("WATCHDOG=1", timeout=2)
+    sock.expect("WATCHDOG=1", timeout=2)
+    assert time.monotonic() - t0 < 2.5
+
+    cfg.write_text(GOOD.format(interval=4321))
+    p.send_signal(signal.SIGHUP)
+    got = sock.expect("READY=1", timeout=10)
+    assert any("RELOADING=1" in m and "MONOTONIC_USEC=" in m for m in got), got
+
+    cfg.write_text(GOOD.format(interval=1000) + "\n[kill]\nbogus = 1\n")  # duplicate table: invalid TOML
+    p.send_signal(signal.SIGHUP)
+    sock.expect("READY=1", timeout=10)
+    cfg.write_text("[kill]\nexit_timeout_ms = -1\n")
+    p.send_signal(signal.SIGHUP)
+    sock.expect("READY=1", timeout=10)
+    sock.expect("WATCHDOG=1", timeout=2)  # still alive and looping after two bad reloads
+
+    p.send_signal(signal.SIGTERM)
+    _out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err[-2000:]
+    assert any("STOPPING=1" in m for m in sock.messages) or _drain_has(sock, "STOPPING=1")
+    ev = _events(err)
+    reloaded = [e for e in ev if e.get("event") == "config.reloaded"]
+    rejected = [e for e in ev if e.get("event") == "config.reload_rejected"]
+    assert len(reloaded) == 1
+    assert len(rejected) == 2
+    assert "not valid TOML" in str(rejected[0]["reason"])
+    assert "kill.exit_timeout_ms" in str(rejected[1]["reason"])
+    assert rejected[0]["kept"] == reloaded[0]["config_hash"]  # the good reloaded config stayed in force
+
+
+def _drain_has(sock: NotifySocket, needle: str) -> bool:
+    try:
+        sock.expect(needle, timeout=2)
+    except AssertionError:
+        return False
+    return True
