@@ -209,3 +209,24 @@ def test_loop_survives_an_exception_and_a_lost_source() -> None:
     assert reopened == [1]
     assert killer.killed == [11]
     assert any(e["event"] == "psi.source_lost" for e in logs)
+
+
+class FullDisk:
+    def __init__(self) -> None:
+        self.tries = 0
+
+    def write(self, record: KillRecord) -> bool:
+        self.tries += 1
+        return False
+
+
+def test_kills_go_on_when_records_cannot_be_written() -> None:
+    d, (clock, _src, _t, killer, _s) = make()
+    d.sink = FullDisk()
+    with structlog.testing.capture_logs() as logs:
+        d.handle([ev(CRIT, clock)])
+        clock.t += 5_000_000_000
+        d.handle([ev(CRIT, clock)])
+    assert len(killer.killed) == 2 and d.stats.kills == 2
+    assert d.stats.records_dropped == 2
+    assert [e["dropped"] for e in logs if e["event"] == "records.dropped"] == [1, 2]
