@@ -13,6 +13,7 @@ from lmkd_py.procfs import (
     cgroup_v2_path,
     parse_cgroup,
     parse_cmdline,
+    parse_mem_available,
     parse_meminfo,
     parse_oom_score_adj,
     parse_pressure,
@@ -60,9 +61,15 @@ def test_stat_malformed(text: str) -> None:
 
 @given(st.text(max_size=400))
 def test_parsers_never_raise_anything_but_parse_error(text: str) -> None:
-    for parse in (parse_stat, parse_status, parse_meminfo, parse_pressure, parse_cgroup, parse_oom_score_adj):
+    for parse in (parse_stat, parse_status, parse_meminfo, parse_pressure, parse_cgroup, parse_oom_score_adj,
+                  parse_mem_available):
         with contextlib.suppress(ProcParseError):
-            parse(text)
+            parse(text)  # type: ignore[operator]
+
+
+@given(st.binary(max_size=300))
+def test_cmdline_never_raises(data: bytes) -> None:
+    assert all(isinstance(a, str) for a in parse_cmdline(data))
 
 
 STATUS = """Name:\tpython3
@@ -145,3 +152,30 @@ def test_procfs_real_self() -> None:
     assert status.vm_rss_kib is not None and status.vm_rss_kib > 1000
     assert proc.mem_available_kib() is not None
     assert proc.pressure("memory").some.total_us >= 0
+
+
+def test_candidate_table_survives_a_hostile_proc_tree(tmp_path: Path) -> None:
+    import time
+
+    from lmkd_py.candidates import CandidateTable
+    from lmkd_py.policy import Rules
+
+    def proc(pid: int, stat: str, adj: str = "0", status: str = STATUS) -> None:
+        d = tmp_path / str(pid)
+        d.mkdir()
+        (d / "stat").write_text(stat)
+        (d / "oom_score_adj").write_text(adj)
+        (d / "status").write_text(status)
+        (d / "cmdline").write_bytes(b"x\0")
+        (d / "cgroup").write_text("0::/\n")
+
+    proc(10, f"10 (good) {STAT_TAIL}")
+    proc(11, "11 (truncated) S 1")
+    proc(12, f"12 (bad adj) {STAT_TAIL}", adj="lots")
+    proc(13, "")
+    proc(14, f"14 (no cgroup line) {STAT_TAIL}")
+    (tmp_path / "14" / "cgroup").write_text("garbage")
+    (tmp_path / "15").mkdir()  # vanished between listdir and open
+    table = CandidateTable(ProcFs(tmp_path), Rules(), clock=time.monotonic_ns)
+    table.refresh()
+    assert [c.candidate.pid for c in table.rank(0)] == [10]
