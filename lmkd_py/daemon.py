@@ -144,7 +144,8 @@ class Daemon:
         if now >= self._next_refresh:
             self._next_refresh = now + self.cfg.candidates.refresh_interval_ms * 1_000_000
         wd = self.notifier.watchdog_interval_ns if self.notifier is not None else None
-        if self.notifier is not None and wd and self.clock() - self._last_watchdog >= wd // 2:
+        # watchdog_interval_ns is already half of WATCHDOG_USEC (sd_watchdog_enabled's advice)
+        if self.notifier is not None and wd and self.clock() - self._last_watchdog >= wd:
             self.notifier.watchdog()
             self._last_watchdog = self.clock()
 
