@@ -179,6 +179,11 @@ class Daemon:
         min_adj = event.level.min_oom_score_adj
         choices = self.table.recheck(self.table.rank(min_adj), self.cfg.candidates.recheck_top, min_adj)
         if not choices:
+            # The table may predate the process that is eating memory now (started since the last
+            # refresh): pay for one refresh rather than let the kernel's OOM killer act.
+            self.table.refresh()
+            choices = self.table.recheck(self.table.rank(min_adj), self.cfg.candidates.recheck_top, min_adj)
+        if not choices:
             self.stats.no_candidate += 1
             log.warning("kill.no_candidate", psi_level=event.level.name, min_adj=min_adj, table=len(self.table))
             return

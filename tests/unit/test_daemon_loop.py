@@ -230,3 +230,16 @@ def test_kills_go_on_when_records_cannot_be_written() -> None:
     assert len(killer.killed) == 2 and d.stats.kills == 2
     assert d.stats.records_dropped == 2
     assert [e["dropped"] for e in logs if e["event"] == "records.dropped"] == [1, 2]
+
+
+def test_a_process_newer_than_the_table_is_found_by_one_refresh() -> None:
+    d, (clock, _src, table, killer, _s) = make(cands=[])
+    newcomer = cand(42, 900, 500_000)
+
+    def refresh() -> None:  # the real table would find it in /proc
+        table.refreshes += 1
+        table.cands = [newcomer]
+
+    table.refresh = refresh  # type: ignore[method-assign]
+    d.handle([ev(MEDIUM, clock)])
+    assert killer.killed == [42] and table.refreshes >= 1
