@@ -162,7 +162,7 @@ def test_dry_run_as_unprivileged_user_kills_nothing(episode: dict) -> None:
         assert rec["pressure"]["mechanism"] == "poll"  # nobody cannot write a root-owned memory.pressure
         assert '"psi.polling_fallback"' in err
         assert os.stat(records).st_uid == 65534
-        assert protected.poll() is None and victim._popen.poll() is None
+        assert protected.poll() is None and victim.poll() is None
         os.kill(victim.pid, 0)  # still alive
     finally:
         shutil.rmtree(shared, ignore_errors=True)
