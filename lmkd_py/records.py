@@ -312,6 +312,37 @@ class ReadResult:
     problems: list[str] = field(default_factory=list)  # lines skipped, each naming file:line and why
 
 
+def parse_line(path: Path, lineno: int, raw: bytes, truncated: bool, problems: list[str]) -> KillRecord | None:
+    """One JSONL line to a record, or None after noting in ``problems`` why it was skipped
+    (``file:line: skipped: why``). ``truncated``: the line is the file's last and has no newline, so
+    a JSON error there is a write cut short. Raises RecordFormatError for a newer schema version."""
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        why = "truncated last line (a write cut short)" if truncated else f"not JSON ({exc})"
+        problems.append(f"{path}:{lineno}: skipped: {why}")
+        return None
+    if not isinstance(obj, dict):
+        problems.append(f"{path}:{lineno}: skipped: not a JSON object")
+        return None
+    version = obj.get("schema_version")
+    if not isinstance(version, int):
+        problems.append(f"{path}:{lineno}: skipped: no integer schema_version (not an lmkd-py record?)")
+        return None
+    if version > SCHEMA_VERSION:
+        raise RecordFormatError(
+            f"{path}:{lineno}: record schema_version {version} is newer than this lmkd-py "
+            f"understands ({SCHEMA_VERSION}); upgrade lmkd-py to read it"
+        )
+    try:
+        return KillRecord.model_validate(obj)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        problems.append(f"{path}:{lineno}: skipped: field {loc!r}: {first['msg']}")
+        return None
+
+
 def iter_records(path: Path, problems: list[str] | None = None) -> Iterator[KillRecord]:
     """Yield the records of one JSONL file.
 
@@ -328,31 +359,9 @@ def iter_records(path: Path, problems: list[str] | None = None) -> Iterator[Kill
     for lineno, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
-        truncated_tail = lineno == len(lines) and not last_complete
-        try:
-            obj = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            why = "truncated last line (a write cut short)" if truncated_tail else f"not JSON ({exc})"
-            sink.append(f"{path}:{lineno}: skipped: {why}")
-            continue
-        if not isinstance(obj, dict):
-            sink.append(f"{path}:{lineno}: skipped: not a JSON object")
-            continue
-        version = obj.get("schema_version")
-        if not isinstance(version, int):
-            sink.append(f"{path}:{lineno}: skipped: no integer schema_version (not an lmkd-py record?)")
-            continue
-        if version > SCHEMA_VERSION:
-            raise RecordFormatError(
-                f"{path}:{lineno}: record schema_version {version} is newer than this lmkd-py "
-                f"understands ({SCHEMA_VERSION}); upgrade lmkd-py to read it"
-            )
-        try:
-            yield KillRecord.model_validate(obj)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            loc = ".".join(str(p) for p in first["loc"])
-            sink.append(f"{path}:{lineno}: skipped: field {loc!r}: {first['msg']}")
+        rec = parse_line(path, lineno, raw, lineno == len(lines) and not last_complete, sink)
+        if rec is not None:
+            yield rec
 
 
 def read_records(paths: Iterable[Path]) -> ReadResult:
