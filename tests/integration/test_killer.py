@@ -154,13 +154,14 @@ def test_enosys_falls_back_to_kill_only_for_later_kills(children: Children) -> N
 
 def test_real_mrelease_after_sigkill_frees_memory(children: Children) -> None:
     killer = Killer(LinuxSyscalls())
-    victim = children.victim(128)
+    victim = children.victim(256)
     rec = killer.kill(killer.snapshot(victim.pid))
     killer.close()
     assert rec.outcome is Outcome.KILLED
     assert rec.mrelease.status in (MreleaseStatus.OK, MreleaseStatus.ALREADY_RELEASED)
     assert rec.mrelease.wall_ns is not None and rec.mrelease.wall_ns > 0
-    assert rec.mem_recovered_kib is not None and rec.mem_recovered_kib > 32 * 1024
+    # MemAvailable is system-wide: allow for other activity, but most of the 256 MiB must show.
+    assert rec.mem_recovered_kib is not None and rec.mem_recovered_kib > 96 * 1024
 
 
 def test_gone_process_is_recorded_not_raised(children: Children) -> None:

@@ -1,0 +1,245 @@
+"""Kill records as numeric columns, for ``report`` and ``compare`` (part of the optional ``report`` extra).
+
+Reading keeps the rules of ``records.iter_records`` (a truncated last line or a damaged line is skipped and
+noted as ``file:line``; a record of a newer schema version is refused with ``RecordFormatError``) and the
+same validation: every line goes through ``KillRecord.model_validate_json``, so the schema lives only in
+``records.py``. What differs is what is kept: instead of a list of model objects (several KiB each, too
+heavy at a million records) each record leaves a few float64 and category values in compact arrays, and
+the model object is dropped at once. Validating in pydantic's Rust core costs about as much as ``json.loads``
+(~12 µs for a full record here), so there is no cheaper path worth a second copy of the schema.
+
+Missing values are NaN in the float columns (a record field that is ``None``); statistics drop them per
+metric. ``mrelease_wall`` and ``reaper_work`` leave out calls that reaped nothing (see ``_Builder.add``). Times stay in
+nanoseconds here; the metric table says how to scale them for display.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import ValidationError
+
+from lmkd_py.records import SCHEMA_VERSION, KillRecord, MreleaseStatus, Outcome, errno_name, parse_line
+
+FloatArray = npt.NDArray[np.float64]
+NS_PER_MS = 1e6
+KIB_PER_GIB = float(1 << 20)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One reported quantity: ``column`` of the table, multiplied by ``scale`` for display in ``unit``."""
+
+    name: str
+    unit: str
+    column: str
+    scale: float = 1.0
+
+
+# The metrics of the issue, in table order. Columns named "<dict>.<side>" (lock waits by side) are added
+# after their total by ``metrics_for`` because the sides are whatever keys the tracer wrote.
+BASE_METRICS: tuple[Metric, ...] = (
+    Metric("kill_to_exit", "ms", "kill_to_exit_ns", 1 / NS_PER_MS),
+    Metric("mrelease_wall", "ms", "mrelease_wall_ns", 1 / NS_PER_MS),
+    Metric("reaper_work", "ms", "reaper_work_ns", 1 / NS_PER_MS),
+    Metric("exit_mmap", "ms", "exit_mmap_ns", 1 / NS_PER_MS),
+    Metric("reap_total", "ms", "reap_total_ns", 1 / NS_PER_MS),
+    Metric("mmap_lock_wait", "ms", "mmap_lock_wait_ns", 1 / NS_PER_MS),
+    Metric("lock_contention", "ms", "lock_contention_ns", 1 / NS_PER_MS),
+    Metric("freed_by_reaper_share", "%", "freed_by_reaper_share", 100.0),
+    Metric("reap_throughput", "MiB/s", "reap_throughput_mib_s"),
+    Metric("kill_to_mem_recovered", "ms", "kill_to_mem_recovered_ns", 1 / NS_PER_MS),
+    Metric("victim_rss", "MiB", "rss_kib", 1 / 1024),
+)
+SIDED_COLUMNS = ("mmap_lock_wait_ns", "lock_contention_ns")
+CATEGORIES = ("kernel_release", "machine_model", "outcome", "mrelease_status", "errno")
+
+
+@dataclass
+class Categorical:
+    """A string column stored as codes into ``labels`` (``None`` is a label like any other)."""
+
+    codes: npt.NDArray[np.int32]
+    labels: list[str | None]
+
+    def counts(self, mask: npt.NDArray[np.bool_] | None = None) -> dict[str | None, int]:
+        """How often each label occurs (in rows where ``mask`` is true), most frequent first."""
+        codes = self.codes if mask is None else self.codes[mask]
+        hist = np.bincount(codes, minlength=len(self.labels))
+        order = sorted(range(len(self.labels)), key=lambda i: (-int(hist[i]), str(self.labels[i])))
+        return {self.labels[i]: int(hist[i]) for i in order if hist[i]}
+
+
+@dataclass
+class RecordTable:
+    """Columns of a record set: one row per record, in file order."""
+
+    rows: int
+    columns: dict[str, FloatArray]
+    categories: dict[str, Categorical]
+    dry_run: npt.NDArray[np.bool_]
+    problems: list[str] = field(default_factory=list)
+
+    def select(self, mask: npt.NDArray[np.bool_]) -> RecordTable:
+        """The rows where ``mask`` is true (problems are kept: they belong to the files, not to rows)."""
+        return RecordTable(
+            rows=int(mask.sum()),
+            columns={k: v[mask] for k, v in self.columns.items()},
+            categories={k: Categorical(c.codes[mask], c.labels) for k, c in self.categories.items()},
+            dry_run=self.dry_run[mask],
+            problems=self.problems,
+        )
+
+    def values(self, column: str) -> FloatArray:
+        """The present values of ``column`` over the rows that count for latency (not dry runs)."""
+        col = self.columns.get(column)
+        if col is None:
+            return np.empty(0)
+        col = col[~self.dry_run]
+        return col[~np.isnan(col)]
+
+
+def metrics_for(*tables: RecordTable) -> list[Metric]:
+    """BASE_METRICS plus one row per side of the sided columns present in any table, after its total."""
+    out: list[Metric] = []
+    for m in BASE_METRICS:
+        out.append(m)
+        if m.column in SIDED_COLUMNS:
+            prefix = m.column + "."
+            sides = sorted({k[len(prefix) :] for t in tables for k in t.columns if k.startswith(prefix)})
+            out.extend(Metric(f"{m.name}.{s}", m.unit, f"{m.column}.{s}", m.scale) for s in sides)
+    return out
+
+
+class _Builder:
+    """Appends one validated record at a time into compact arrays."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.floats: dict[str, array[float]] = {name: array("d") for name in [m.column for m in BASE_METRICS]}
+        self.sparse: dict[str, tuple[array[int], array[float]]] = {}
+        self.codes: dict[str, array[int]] = {name: array("i") for name in CATEGORIES}
+        self.label_ids: dict[str, dict[str | None, int]] = {name: {} for name in CATEGORIES}
+        self.dry: array[int] = array("b")
+
+    def _code(self, category: str, label: str | None) -> None:
+        ids = self.label_ids[category]
+        code = ids.get(label)
+        if code is None:
+            code = ids[label] = len(ids)
+        self.codes[category].append(code)
+
+    def _sided(self, column: str, by_side: dict[str, int] | None) -> float:
+        if by_side is None:
+            return _NAN
+        for side, value in by_side.items():
+            rows, vals = self.sparse.setdefault(f"{column}.{side}", (array("q"), array("d")))
+            rows.append(self.rows)
+            vals.append(float(value))
+        return float(sum(by_side.values()))
+
+    def add(self, rec: KillRecord) -> None:
+        f = self.floats
+        k = rec.kernel
+        mr = rec.mrelease
+        prov = rec.provenance
+        f["kill_to_exit_ns"].append(_f(rec.kill_to_exit_ns))
+        # Reaper times count only where a reaper did the reaping: process_mrelease returned 0, or it was
+        # not ours to call (the kernel's oom_reaper, observe mode). An ESRCH return (the victim dropped
+        # its mm first, ~half the kills on a 2-core machine) takes microseconds and reaps nothing: as a
+        # "reaper work" sample it would only measure the race. It stays in the status histogram, and
+        # exit_mmap, reap_total and the freed-by-reaper share (0 %) still count it.
+        reaped = mr.status in _REAPED
+        f["mrelease_wall_ns"].append(_f(mr.wall_ns) if reaped else _NAN)
+        f["kill_to_mem_recovered_ns"].append(_f(rec.kill_to_mem_recovered_ns))
+        f["rss_kib"].append(_f(rec.victim.rss_kib))
+        if k is None:
+            for col in (
+                "reaper_work_ns",
+                "exit_mmap_ns",
+                "reap_total_ns",
+                "reap_throughput_mib_s",
+                "mmap_lock_wait_ns",
+                "lock_contention_ns",
+                "freed_by_reaper_share",
+            ):
+                f[col].append(_NAN)
+        else:
+            f["reaper_work_ns"].append(_f(k.reaper_work_ns) if reaped else _NAN)
+            f["exit_mmap_ns"].append(_f(k.exit_mmap_ns))
+            f["reap_total_ns"].append(_f(k.reap_total_ns))
+            f["reap_throughput_mib_s"].append(_f(k.reap_throughput_mib_s))
+            f["mmap_lock_wait_ns"].append(self._sided("mmap_lock_wait_ns", k.mmap_lock_wait_ns))
+            f["lock_contention_ns"].append(self._sided("lock_contention_ns", k.lock_contention_ns))
+            f["freed_by_reaper_share"].append(_share(k.freed_by_reaper_kib, k.freed_by_victim_kib))
+        self._code("kernel_release", prov.kernel_release)
+        self._code("machine_model", prov.machine_model)
+        self._code("outcome", rec.outcome.value)
+        self._code("mrelease_status", mr.status.value)
+        self._code("errno", mr.errno_name or errno_name(mr.errno))
+        self.dry.append(1 if rec.dry_run or rec.outcome is Outcome.DRY_RUN else 0)
+        self.rows += 1
+
+    def build(self, problems: list[str]) -> RecordTable:
+        columns = {name: np.frombuffer(col, dtype=np.float64).copy() for name, col in self.floats.items()}
+        for name, (rows, vals) in self.sparse.items():
+            full = np.full(self.rows, np.nan)
+            full[np.frombuffer(rows, dtype=np.int64)] = np.frombuffer(vals, dtype=np.float64)
+            columns[name] = full
+        categories = {
+            name: Categorical(np.frombuffer(self.codes[name], dtype=np.int32).copy(), list(self.label_ids[name]))
+            for name in CATEGORIES
+        }
+        dry = np.frombuffer(self.dry, dtype=np.int8).astype(bool)
+        return RecordTable(self.rows, columns, categories, dry, problems)
+
+
+_NAN = float("nan")
+_REAPED = (MreleaseStatus.OK, MreleaseStatus.NOT_ATTEMPTED)
+
+
+def _f(value: float | None) -> float:
+    return _NAN if value is None else float(value)
+
+
+def _share(reaper: dict[str, int] | None, victim: dict[str, int] | None) -> float:
+    # Both sides must be known: a missing side is "not measured", not "freed nothing".
+    if reaper is None or victim is None:
+        return _NAN
+    by_reaper = sum(reaper.values())
+    total = by_reaper + sum(victim.values())
+    return by_reaper / total if total > 0 else _NAN
+
+
+def load_table(paths: Sequence[Path]) -> RecordTable:
+    """Read the records of ``paths`` into a RecordTable, streaming (memory stays O(records x columns)).
+
+    Raises RecordFormatError (a record newer than this lmkd-py, naming file:line) and OSError (a file
+    that cannot be read). Skipped lines are listed in ``RecordTable.problems`` as ``file:line: why``.
+    """
+    problems: list[str] = []
+    builder = _Builder()
+    validate = KillRecord.model_validate_json
+    for path in paths:
+        path = Path(path)
+        with path.open("rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                if not raw.strip():
+                    continue
+                rec: KillRecord | None
+                try:
+                    rec = validate(raw)
+                except ValidationError:
+                    rec = None
+                # A record without schema_version validates with the default; iter_records skips it,
+                # and a newer one must be refused: both go the slow way, which words it the same.
+                if rec is None or rec.schema_version > SCHEMA_VERSION or "schema_version" not in rec.model_fields_set:
+                    rec = parse_line(path, lineno, raw, not raw.endswith(b"\n"), problems)
+                if rec is not None:
+                    builder.add(rec)
+    return builder.build(problems)

@@ -1,0 +1,223 @@
+"""Rendering of reports and comparisons: terminal table, Markdown and JSON (no third-party imports).
+
+JSON of a comparison (the contract the kernel reviewers' tooling reads)::
+
+    {"a_label": ..., "b_label": ...,
+     "metrics": [{"name", "unit", "a": {"n", "median", "ci": [lo, hi], "p90", "mean"}, "b": {...},
+                  "diff_median", "diff_pct", "diff_ci": [lo, hi], "p_value"}],
+     "warnings": [...], "problems": [...]}
+
+Differences are B - A; ``diff_pct`` is relative to A's median. Unknown values are ``null`` (never NaN,
+which is not JSON). Times are milliseconds; units are given per metric.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from lmkd_py.report_stats import Comparison, GroupReport, Row, Side
+
+PROBLEMS_SHOWN = 20  # skipped-line notes printed in text output; JSON carries up to 1000
+
+
+def fmt(x: float | None) -> str:
+    """A number at a precision that suits a table cell; ``-`` for unknown."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    ax = abs(x)
+    if ax >= 1000:
+        return f"{x:.0f}"
+    if ax >= 100:
+        return f"{x:.1f}"
+    if ax >= 1:
+        return f"{x:.2f}"
+    return f"{x:.3g}"
+
+
+def fmt_p(p: float | None) -> str:
+    if p is None:
+        return "-"
+    return f"{p:.2g}" if p >= 1e-4 else "<1e-4"
+
+
+def _ci(ci: tuple[float | None, float | None]) -> str:
+    return "-" if ci[0] is None or ci[1] is None else f"[{fmt(ci[0])}, {fmt(ci[1])}]"
+
+
+def _grid(header: list[str], rows: list[list[str]], markdown: bool) -> list[str]:
+    if markdown:
+        esc = [[c.replace("|", "\\|") for c in r] for r in [header, *rows]]
+        lines = ["| " + " | ".join(esc[0]) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        return lines + ["| " + " | ".join(r) + " |" for r in esc[1:]]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(r: list[str]) -> str:
+        # First column (names) left-aligned, numbers right-aligned.
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+
+    return [line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]
+
+
+def _problems_text(problems: Sequence[str]) -> list[str]:
+    shown = [f"  {p}" for p in problems[:PROBLEMS_SHOWN]]
+    if len(problems) > PROBLEMS_SHOWN:
+        shown.append(f"  ... and {len(problems) - PROBLEMS_SHOWN} more")
+    return shown
+
+
+def _hist(counts: dict[str | None, int]) -> str:
+    return ", ".join(f"{'unknown' if k is None else k} {v}" for k, v in counts.items()) or "none"
+
+
+def _bin_label(lo: float, hi: float) -> str:
+    def size(mib: float) -> str:
+        return f"{mib / 1024:g} GiB" if mib >= 1024 else f"{mib:g} MiB"
+
+    return f">= {size(lo)}" if math.isinf(hi) else f"{size(lo)}-{size(hi)}"
+
+
+def render_report(groups: list[GroupReport], problems: Sequence[str], fmt_name: str) -> str:
+    """The report in ``fmt_name`` ("table", "markdown" or "json")."""
+    if fmt_name == "json":
+        return json.dumps(
+            {
+                "groups": [_group_json(g) for g in groups],
+                "problems": list(problems[:1000]),
+                "problems_total": len(problems),
+            },
+            indent=2,
+        )
+    md = fmt_name == "markdown"
+    out: list[str] = []
+    if not groups:
+        out.append("no records")
+    for g in groups:
+        title = f"kernel {g.kernel_release or 'unknown'} / machine {g.machine_model or 'unknown'}"
+        out += [f"## {title}" if md else title, ""]
+        out.append(f"records: {g.records} ({g.dry_runs} dry runs, not in the latencies)")
+        out.append(f"outcomes: {_hist(g.outcomes)}")
+        out.append(f"process_mrelease: {_hist(g.mrelease_status)}")
+        out.append(f"errno: {_hist(g.errno)}")
+        out.append("")
+        rows = [
+            [m.name, m.unit, str(s.n), fmt(s.median), fmt(s.p90), fmt(s.p99), fmt(s.mean)] for m, s in g.metrics if s.n
+        ]
+        if rows:
+            out += _grid(["metric", "unit", "n", "median", "p90", "p99", "mean"], rows, md)
+        else:
+            out.append("no latency values (all dry runs, or no metric fields filled)")
+        missing = [m.name for m, s in g.metrics if not s.n]
+        if missing and rows:
+            out += ["", f"no values: {', '.join(missing)}"]
+        out.append("")
+        out += _grid(["victim RSS", "records"], [[_bin_label(lo, hi), str(c)] for lo, hi, c in g.size_bins], md)
+        out.append("")
+    if problems:
+        out += ["skipped lines:", *_problems_text(problems)]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _group_json(g: GroupReport) -> dict[str, Any]:
+    return {
+        "kernel_release": g.kernel_release,
+        "machine_model": g.machine_model,
+        "records": g.records,
+        "dry_runs": g.dry_runs,
+        "outcomes": _keyed(g.outcomes),
+        "mrelease_status": _keyed(g.mrelease_status),
+        "errno": _keyed(g.errno),
+        "metrics": [
+            {"name": m.name, "unit": m.unit, "n": s.n, "median": s.median, "p90": s.p90, "p99": s.p99, "mean": s.mean}
+            for m, s in g.metrics
+        ],
+        "victim_rss_bins": [
+            {"lo_mib": lo, "hi_mib": None if math.isinf(hi) else hi, "count": c} for lo, hi, c in g.size_bins
+        ],
+    }
+
+
+def _keyed(counts: dict[str | None, int]) -> dict[str, int]:
+    return {("unknown" if k is None else k): v for k, v in counts.items()}
+
+
+def _side_json(s: Side) -> dict[str, Any]:
+    return {"n": s.n, "median": s.median, "ci": list(s.ci), "p90": s.p90, "mean": s.mean}
+
+
+def _row_json(r: Row) -> dict[str, Any]:
+    return {
+        "name": r.name,
+        "unit": r.unit,
+        "a": _side_json(r.a),
+        "b": _side_json(r.b),
+        "diff_median": r.diff_median,
+        "diff_pct": r.diff_pct,
+        "diff_ci": list(r.diff_ci),
+        "p_value": r.p_value,
+    }
+
+
+def render_comparison(cmp: Comparison, problems: Sequence[str], fmt_name: str) -> str:
+    """The comparison in ``fmt_name`` ("table", "markdown" or "json"); B - A in the differences."""
+    if fmt_name == "json":
+        return json.dumps(
+            {
+                "a_label": cmp.label_a,
+                "b_label": cmp.label_b,
+                "metrics": [_row_json(r) for r in cmp.rows],
+                "warnings": cmp.warnings,
+                "problems": list(problems[:1000]),
+                "problems_total": len(problems),
+            },
+            indent=2,
+        )
+    md = fmt_name == "markdown"
+    a, b = cmp.label_a, cmp.label_b
+    header = [
+        "metric",
+        "unit",
+        f"{a} n",
+        f"{a} median [95% CI]",
+        f"{a} p90",
+        f"{a} mean",
+        f"{b} n",
+        f"{b} median [95% CI]",
+        f"{b} p90",
+        f"{b} mean",
+        "diff median",
+        "diff %",
+        "diff 95% CI",
+        "MWU p",
+    ]
+    rows = []
+    for r in cmp.rows:
+        if r.a.n == 0 and r.b.n == 0:
+            continue  # listed in the warnings; an all-dash row only hides the others
+        rows.append(
+            [
+                r.name,
+                r.unit,
+                str(r.a.n),
+                f"{fmt(r.a.median)} {_ci(r.a.ci)}",
+                fmt(r.a.p90),
+                fmt(r.a.mean),
+                str(r.b.n),
+                f"{fmt(r.b.median)} {_ci(r.b.ci)}",
+                fmt(r.b.p90),
+                fmt(r.b.mean),
+                fmt(r.diff_median),
+                "-" if r.diff_pct is None else f"{r.diff_pct:+.1f}%",
+                _ci(r.diff_ci),
+                fmt_p(r.p_value),
+            ]
+        )
+    out = [f"## {b} vs {a}" if md else f"{b} vs {a} (differences are {b} - {a})", ""]
+    out += _grid(header, rows, md) if rows else ["no values to compare"]
+    if cmp.warnings:
+        out += ["", "warnings:", *(f"- {w}" for w in cmp.warnings)]
+    if problems:
+        out += ["", "skipped lines:", *_problems_text(problems)]
+    return "\n".join(out).rstrip() + "\n"
