@@ -125,12 +125,12 @@ class KillConfig(_Frozen):
         default=2000, ge=0, le=60_000, description="after the exit, wait this long for MemAvailable (ms)"
     )
     mem_recovery_fraction: float = Field(
-        default=0.5,
+        default=0.9,
         gt=0,
         le=1.0,
         description="memory is back when MemAvailable rose by this share of the victim's anon+shmem RSS. "
-        "Not 1.0: freed pages parked on per-CPU free lists are not counted in MemFree/MemAvailable until "
-        "drained (measured here: a 260 MiB victim showed +212 MiB at once)",
+        "Not 1.0: other activity and page tables vary. Measured as MemAvailable plus the per-CPU free "
+        "lists, which MemAvailable does not count",
     )
     min_interval_ms: int = Field(default=1000, ge=0, le=600_000, description="minimum time between kills (ms)")
     max_attempts: int = Field(default=3, ge=1, le=20, description="victims tried per event when kills fail")

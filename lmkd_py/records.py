@@ -177,6 +177,7 @@ class KillRecord(_Model):
     victim: Victim
     steps: Steps
     mrelease: Mrelease
+    # MemAvailable + pages on the per-CPU free lists (which MemAvailable does not count), KiB
     mem_available_before_kib: int | None = None
     mem_available_after_kib: int | None = None
     mem_recovered_kib: int | None = None

@@ -179,3 +179,26 @@ def test_candidate_table_survives_a_hostile_proc_tree(tmp_path: Path) -> None:
     table = CandidateTable(ProcFs(tmp_path), Rules(), clock=time.monotonic_ns)
     table.refresh()
     assert [c.candidate.pid for c in table.rank(0)] == [10]
+
+
+def test_pcp_pages_are_summed_over_zones_and_cpus() -> None:
+    from lmkd_py.procfs import parse_pcp_pages
+
+    zoneinfo = """Node 0, zone   Normal
+  pages free     5000
+  pagesets
+    cpu: 0
+              count:    120
+              high:     3733
+    cpu: 1
+              count:    7
+              high:     0
+Node 0, zone  Movable
+  pagesets
+    cpu: 0
+              count:    3
+"""
+    assert parse_pcp_pages(zoneinfo) == 130
+    with pytest.raises(ProcParseError):
+        parse_pcp_pages("    count: many\n")
+    assert ProcFs().pcp_free_kib() >= 0
