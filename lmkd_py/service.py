@@ -104,7 +104,10 @@ def build(cfg: Config, *, sink: Sink, wake_fd: int | None = None, procfs: ProcFs
     if cfg.tracing != "off" and not cfg.dry_run:
         from lmkd_py.tracing import open_tracer
 
-        killer.tracer = open_tracer(cfg.tracing)
+        # The systemd unit bind-mounts tracefs read-write here (ProtectKernelTunables= makes
+        # /sys/kernel/tracing read-only) and says so in LMKD_PY_TRACEFS.
+        tracefs_env = os.environ.get("LMKD_PY_TRACEFS")
+        killer.tracer = open_tracer(cfg.tracing, tracefs_root=Path(tracefs_env) if tracefs_env else None)
     daemon = Daemon(cfg, source=source, killer=killer, table=table, sink=sink)
     daemon.reopen_source = lambda: asm.source(daemon.cfg)
     return daemon
