@@ -26,7 +26,7 @@ def _add_daemon_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, help="stop cleanly after this many seconds")
     p.add_argument("--tracing", choices=["auto", "on", "off"], help="kernel timeline via tracefs")
     p.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
-    p.add_argument("--log-level", default=None, help="debug, info, warning, error")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
 
 
 def _add_kill(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -86,6 +86,16 @@ def _add_stress(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--duration", type=float, help="seconds to hold, then clean up")
 
 
+def _add_observe(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("observe", help="never kill: record the reap latency of every SIGKILL made by others")
+    p.add_argument("--records", type=Path, help="JSONL file the observed records are appended to")
+    p.add_argument("--duration", type=float, help="stop cleanly after this many seconds")
+    p.add_argument("--cgroup", type=Path, help="only victims inside this cgroup v2 directory (subtree)")
+    p.add_argument("--config", type=Path)
+    p.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmkd-py",
@@ -105,6 +115,7 @@ def build_command_parser() -> argparse.ArgumentParser:
     _add_config_cmds(sub)
     _add_report(sub)
     _add_stress(sub)
+    _add_observe(sub)
     return parser
 
 
@@ -122,6 +133,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from lmkd_py.report import cmd_compare, cmd_report
 
         handlers.update({"report": cmd_report, "compare": cmd_compare})
+    elif args.command == "observe":
+        from lmkd_py.observe import cmd_observe
+
+        handlers["observe"] = cmd_observe
     elif args.command == "stress":
         from lmkd_py.stress import cmd_stress
 
