@@ -1,14 +1,20 @@
 """Kill path with vs without process_mrelease, alternating in one run on equal victims.
 
-    python benchmarks/kill_path.py [--kills 20] [--size-mib 256]
+    python benchmarks/kill_path.py [--kills 20] [--size-mib 256] [--starve]
 
-Prints the median kill->exit and kill->MemAvailable-recovered of each mode and their ratio. Needs
-permission to kill its own children only (no root needed). Never fails on a time.
+Prints the median kill->exit and kill->memory-back of each mode and their ratio. Needs permission to
+kill its own children only (no root needed). Never fails on a time.
+
+On an idle machine the victim runs at once after SIGKILL and usually drops its mm before the reaper
+thread gets there (process_mrelease then returns ESRCH): both modes are the same. --starve shows the
+case process_mrelease exists for: the victim is pinned, at nice 19, to a CPU kept busy by a nice-0 hog,
+so it gets little CPU to tear itself down, while the killer runs on another CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -19,7 +25,10 @@ from lmkd_py.records import KillRecord, Outcome
 from lmkd_py.syscalls import LinuxSyscalls
 
 VICTIM = """
-import sys, time
+import os, sys, time
+if len(sys.argv) > 2:
+    os.sched_setaffinity(0, {int(sys.argv[2])})
+    os.nice(19)
 size = int(sys.argv[1]) << 20
 b = bytearray(size)
 for i in range(0, size, 4096):
@@ -29,8 +38,12 @@ time.sleep(3600)
 """
 
 
-def one_kill(killer: Killer, size_mib: int) -> KillRecord:
-    p = subprocess.Popen([sys.executable, "-c", VICTIM, str(size_mib)], stdout=subprocess.PIPE, text=True)
+HOG = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True:\n    pass\n"
+
+
+def one_kill(killer: Killer, size_mib: int, cpu: int | None) -> KillRecord:
+    extra = [str(cpu)] if cpu is not None else []
+    p = subprocess.Popen([sys.executable, "-c", VICTIM, str(size_mib), *extra], stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout is not None and p.stdout.readline().strip() == "ready"
         return killer.kill(killer.snapshot(p.pid))
@@ -49,6 +62,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--kills", type=int, default=20, help="kills per mode")
     ap.add_argument("--size-mib", type=int, default=256)
+    ap.add_argument("--starve", action="store_true", help="victims at nice 19 on a CPU a hog keeps busy")
     args = ap.parse_args()
     logsetup.configure("console", "warning")
     syscalls = LinuxSyscalls()
@@ -57,22 +71,35 @@ def main() -> None:
         "kill-only": Killer(syscalls, options=KillOptions(mrelease=False)),
     }
     results: dict[str, list[KillRecord]] = {k: [] for k in killers}
-    for i in range(args.kills * 2):
-        mode = list(killers)[i % 2]  # alternate so drift hits both modes alike
-        rec = one_kill(killers[mode], args.size_mib)
-        if rec.outcome is Outcome.KILLED:
-            results[mode].append(rec)
-    for k in killers.values():
-        k.close()
-    print(f"kill path, {args.kills} x {args.size_mib} MiB anonymous victims per mode, alternating")
+    cpus = sorted(os.sched_getaffinity(0))
+    cpu = cpus[-1] if args.starve and len(cpus) > 1 else None
+    hog = subprocess.Popen([sys.executable, "-c", HOG, str(cpu)]) if cpu is not None else None
+    if cpu is not None:
+        os.sched_setaffinity(0, set(cpus[:-1]))  # the killer and its reaper thread stay off the hog's CPU
+    try:
+        for i in range(args.kills * 2):
+            mode = list(killers)[i % 2]  # alternate so drift hits both modes alike
+            rec = one_kill(killers[mode], args.size_mib, cpu)
+            if rec.outcome is Outcome.KILLED:
+                results[mode].append(rec)
+    finally:
+        if hog is not None:
+            hog.kill()
+            hog.wait()
+        for k in killers.values():
+            k.close()
+    where = f", victims starved on CPU {cpu} (nice 19 vs a busy nice-0 hog)" if cpu is not None else ", idle machine"
+    print(f"kill path, {args.kills} x {args.size_mib} MiB anonymous victims per mode, alternating{where}")
     print(f"{'mode':<10} {'n':>3} {'kill->exit ms':>14} {'kill->mem back ms':>18} {'mrelease wall ms':>17}")
     med: dict[str, tuple[float | None, float | None]] = {}
     for mode, recs in results.items():
         e = med_ms([r.kill_to_exit_ns for r in recs])
         m = med_ms([r.kill_to_mem_recovered_ns for r in recs])
         w = med_ms([r.mrelease.wall_ns for r in recs])
+        esrch = sum(1 for r in recs if r.mrelease.errno_name == "ESRCH")
         med[mode] = (e, m)
-        print(f"{mode:<10} {len(recs):>3} {_f(e):>14} {_f(m):>18} {_f(w):>17}")
+        print(f"{mode:<10} {len(recs):>3} {_f(e):>14} {_f(m):>18} {_f(w):>17}"
+              + (f"   (ESRCH: victim was faster in {esrch})" if mode == "mrelease" else ""))
     for idx, name in enumerate(("kill->exit", "kill->mem back")):
         a, b = med["mrelease"][idx], med["kill-only"][idx]
         if a and b:
