@@ -410,18 +410,14 @@ class Killer:
         try:
             avail = self.proc.mem_available_kib()
         except (OSError, ProcParseError) as exc:
-            msg = f"MemAvailable unreadable: {exc}"
-            if msg not in b.notes:
-                b.notes.append(msg)
+            b.note_once(f"MemAvailable unreadable: {exc}")
             return None
         if avail is None:
             return None
         try:
             pcp = self.proc.pcp_free_kib()
         except (OSError, ProcParseError) as exc:
-            msg = f"per-CPU free lists unreadable (MemAvailable alone): {exc}"
-            if msg not in b.notes:
-                b.notes.append(msg)
+            b.note_once(f"per-CPU free lists unreadable (MemAvailable alone): {exc}")
             pcp = 0
         return avail + pcp
 
@@ -457,6 +453,10 @@ class _RecordBuilder:
         self.mrelease = Mrelease(status=MreleaseStatus.NOT_ATTEMPTED)
         self.kernel: KernelTimeline | None = None
         self.exit_timeout_ns: int | None = None
+
+    def note_once(self, msg: str) -> None:
+        if msg not in self.notes:
+            self.notes.append(msg)
 
     def build(self, outcome: Outcome, error: str | None, provenance: Provenance) -> KillRecord:
         steps = Steps.model_validate(self.steps)

@@ -133,6 +133,29 @@ def _opt_str(v: int | str | None) -> str | None:
     return v if isinstance(v, str) else None
 
 
+CAP_IPC_LOCK = 14
+CAP_SYS_RESOURCE = 24
+
+
+def has_capability(status_text: str, bit: int) -> bool:
+    """Whether the ``CapEff`` line of a /proc/PID/status text has capability ``bit``; False when absent."""
+    for line in status_text.splitlines():
+        if line.startswith("CapEff:"):
+            try:
+                return bool(int(line.split()[1], 16) & (1 << bit))
+            except (ValueError, IndexError):
+                return False
+    return False
+
+
+def self_has_capability(bit: int, status_path: Path = Path("/proc/self/status")) -> bool:
+    """Whether this process has capability ``bit`` in its effective set (False if unreadable)."""
+    try:
+        return has_capability(status_path.read_text(), bit)
+    except OSError:
+        return False
+
+
 def parse_oom_score_adj(text: str) -> int:
     """Parse /proc/PID/oom_score_adj (-1000..1000)."""
     try:

@@ -15,10 +15,10 @@ from pathlib import Path
 import structlog
 
 from lmkd_py.config import SelfProtectionConfig
+from lmkd_py.procfs import CAP_IPC_LOCK, self_has_capability
 from lmkd_py.syscalls import MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT, Syscalls
 
 log = structlog.get_logger("lmkd_py.protect")
-CAP_IPC_LOCK = 14
 
 
 @dataclass(frozen=True)
@@ -28,16 +28,6 @@ class StepResult:
     detail: str
 
 
-def _has_cap(bit: int, status: Path = Path("/proc/self/status")) -> bool:
-    try:
-        for line in status.read_text().splitlines():
-            if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) & (1 << bit))
-    except (OSError, ValueError, IndexError):
-        pass
-    return False
-
-
 def lock_memory(syscalls: Syscalls) -> StepResult:
     """mlockall(MCL_CURRENT|MCL_FUTURE|MCL_ONFAULT). ONFAULT: lock pages as they are touched instead of
     faulting in every mapping now, which keeps the resident set small.
@@ -45,7 +35,7 @@ def lock_memory(syscalls: Syscalls) -> StepResult:
     Skipped without CAP_IPC_LOCK when RLIMIT_MEMLOCK is finite: MCL_FUTURE would make every later
     allocation past that limit fail, and the daemon (Python) allocates as it runs."""
     soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-    if not _has_cap(CAP_IPC_LOCK) and soft != resource.RLIM_INFINITY:
+    if not self_has_capability(CAP_IPC_LOCK) and soft != resource.RLIM_INFINITY:
         return StepResult("mlockall", False, f"skipped: no CAP_IPC_LOCK and RLIMIT_MEMLOCK is {soft} bytes")
     try:
         syscalls.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT)

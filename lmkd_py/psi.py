@@ -27,12 +27,11 @@ from typing import Protocol
 import structlog
 
 from lmkd_py.config import Level
-from lmkd_py.procfs import ProcParseError, Psi, PsiLine, parse_pressure
+from lmkd_py.procfs import CAP_SYS_RESOURCE, ProcParseError, Psi, PsiLine, parse_pressure, self_has_capability
 
 log = structlog.get_logger("lmkd_py.psi")
 Clock = Callable[[], int]
 
-CAP_SYS_RESOURCE = 24
 UNPRIV_WINDOW_STEP_US = 2_000_000
 MAX_WINDOW_US = 10_000_000
 
@@ -61,13 +60,7 @@ class TriggerUnavailable(OSError):
 
 def has_cap_sys_resource(status_path: Path = Path("/proc/self/status")) -> bool:
     """Whether this process has CAP_SYS_RESOURCE in its effective set."""
-    try:
-        for line in status_path.read_text().splitlines():
-            if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) & (1 << CAP_SYS_RESOURCE))
-    except (OSError, ValueError, IndexError):
-        pass
-    return False
+    return self_has_capability(CAP_SYS_RESOURCE, status_path)
 
 
 def adapt_window(threshold_us: int, window_us: int) -> tuple[int, int]:

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from lmkd_py.protect import CAP_IPC_LOCK, _has_cap
+from lmkd_py.procfs import CAP_IPC_LOCK, self_has_capability
 from lmkd_py.psi import has_cap_sys_resource
 
 CHILD = """
@@ -36,7 +36,7 @@ def test_each_step_reports_truthfully_and_none_is_fatal() -> None:
     assert by["oom_score_adj"]["ok"] == (got["adj"] == -1000)
     assert by["sched_fifo"]["ok"] == (got["policy"] == os.SCHED_FIFO)
     # and with the capabilities this machine gives root: CAP_IPC_LOCK yes, CAP_SYS_RESOURCE no
-    if _has_cap(CAP_IPC_LOCK):
+    if self_has_capability(CAP_IPC_LOCK):
         assert by["mlockall"]["ok"], by["mlockall"]
     if not has_cap_sys_resource():
         assert not by["oom_score_adj"]["ok"] and "CAP_SYS_RESOURCE" in by["oom_score_adj"]["detail"]

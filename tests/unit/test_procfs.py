@@ -202,3 +202,12 @@ Node 0, zone  Movable
     with pytest.raises(ProcParseError):
         parse_pcp_pages("    count: many\n")
     assert ProcFs().pcp_free_kib() >= 0
+
+
+def test_capability_bits() -> None:
+    from lmkd_py.procfs import CAP_IPC_LOCK, CAP_SYS_RESOURCE, has_capability
+
+    here = "Name:\tx\nCapEff:\t000001fffeffffff\n"  # this project's root: all but CAP_SYS_RESOURCE
+    assert has_capability(here, CAP_IPC_LOCK) and not has_capability(here, CAP_SYS_RESOURCE)
+    assert not has_capability("CapEff:\tzz\n", CAP_IPC_LOCK)
+    assert not has_capability("Name:\tx\n", CAP_IPC_LOCK)
