@@ -150,15 +150,16 @@ class Daemon:
             self._last_watchdog = self.clock()
 
     def _reopen(self) -> None:
+        self.source.close()
         if self.reopen_source is None:
+            self.source = _Retry(self.source.description, "no way to reopen", self.clock)
             return
         try:
-            self.source.close()
             self.source = self.reopen_source()
             log.info("psi.reopened", source=self.source.description)
         except OSError as exc:
-            log.error("psi.reopen_failed", reason=str(exc))
-            time.sleep(1.0)
+            log.error("psi.reopen_failed", reason=str(exc), retry_s=_Retry.PERIOD_NS / 1e9)
+            self.source = _Retry(self.source.description, str(exc), self.clock)
 
     # -- one pressure event -----------------------------------------------------------------------
     def handle(self, events: list[PressureEvent]) -> None:
@@ -229,6 +230,33 @@ class Daemon:
             v = record.victim
             log.info("kill.would_kill", pid=v.pid, comm=v.comm, rss_kib=v.rss_kib, adj=v.oom_score_adj,
                      reason=record.pressure.reason if record.pressure else None)
+
+
+class _Retry:
+    """Stands in for a pressure source that could not be reopened (e.g. its cgroup was removed):
+    waits one retry period, then reports itself lost so the loop tries to reopen the real one."""
+
+    PERIOD_NS = 1_000_000_000
+
+    def __init__(self, description: str, reason: str, clock: Clock) -> None:
+        self.description = f"{description} (lost: {reason})"
+        self.reason = reason
+        self._due = clock() + self.PERIOD_NS
+        self._clock = clock
+
+    def wait(self, timeout_ns: int | None) -> list[PressureEvent]:
+        left = self._due - self._clock()
+        if timeout_ns is not None and timeout_ns < left:
+            time.sleep(max(0, timeout_ns) / 1e9)
+            return []
+        time.sleep(max(0, left) / 1e9)
+        raise TriggerUnavailable(19, f"pressure source still lost: {self.reason}")
+
+    def read(self) -> Psi | None:
+        return None
+
+    def close(self) -> None:
+        pass
 
 
 def _victim(choice: Choice) -> Victim:

@@ -3,6 +3,8 @@ values on a FakeClock (cooldowns are tested at their configured lengths, not at 
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Any
 
 import structlog
@@ -243,3 +245,47 @@ def test_a_process_newer_than_the_table_is_found_by_one_refresh() -> None:
     table.refresh = refresh  # type: ignore[method-assign]
     d.handle([ev(MEDIUM, clock)])
     assert killer.killed == [42] and table.refreshes >= 1
+
+
+class Pings:
+    watchdog_interval_ns = 1_000_000_000
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def watchdog(self) -> None:
+        self.count += 1
+
+
+def test_watchdog_pinged_only_when_a_turn_completes() -> None:
+    d, (clock, src, _t, _k, _s) = make()
+    pings = Pings()
+    d.notifier = pings  # type: ignore[assignment]
+    src.script = [RuntimeError("stuck")] * 5
+    for _ in range(5):
+        clock.t += 2_000_000_000
+        with contextlib.suppress(RuntimeError):
+            d.iterate(0)
+    assert pings.count == 0, "a failing loop must not tell systemd it is healthy"
+    clock.t += 2_000_000_000
+    d.iterate(0)
+    assert pings.count == 1
+
+
+def test_lost_source_that_cannot_reopen_is_retried() -> None:
+    d, (clock, src, _t, _k, _s) = make()
+    calls = []
+
+    def reopen() -> Source:
+        calls.append(1)
+        if len(calls) < 2:
+            raise FileNotFoundError("memory.pressure: gone")
+        return src
+
+    d.reopen_source = reopen  # type: ignore[assignment]
+    src.script = [TriggerUnavailable(19, "lost")]
+    d.iterate(0)
+    assert calls == [1] and "lost" in d.source.description
+    d.source._due = clock.t  # type: ignore[attr-defined]  # the retry period has passed
+    d.iterate(0)
+    assert calls == [1, 1] and d.source is src
