@@ -4,7 +4,6 @@ values on a FakeClock (cooldowns are tested at their configured lengths, not at 
 from __future__ import annotations
 
 import contextlib
-
 from typing import Any
 
 import structlog
