@@ -28,6 +28,7 @@ from typing import Protocol
 
 import structlog
 
+from lmkd_py.config import KillConfig
 from lmkd_py.procfs import ProcFs, ProcParseError, cgroup_v2_path
 from lmkd_py.records import (
     KernelTimeline,
@@ -70,6 +71,15 @@ class KillOptions:
     mem_recovery_timeout_ns: int = 2_000_000_000  # after the exit, wait at most this long for MemAvailable
     mem_recovery_fraction: float = 0.9  # "back" = MemAvailable rose by this share of anon+shmem RSS
     mem_poll_interval_ns: int = 2_000_000  # MemAvailable sampling period while waiting
+
+    @classmethod
+    def from_config(cls, k: KillConfig) -> KillOptions:
+        return cls(
+            mrelease=k.mrelease,
+            exit_timeout_ns=k.exit_timeout_ms * 1_000_000,
+            mem_recovery_timeout_ns=k.mem_recovery_timeout_ms * 1_000_000,
+            mem_recovery_fraction=k.mem_recovery_fraction,
+        )
 
 
 @dataclass

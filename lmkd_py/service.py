@@ -52,16 +52,6 @@ def apply_overrides(cfg: Config, args: argparse.Namespace) -> Config:
     return cfg.model_copy(update=update) if update else cfg
 
 
-def kill_options(cfg: Config) -> KillOptions:
-    k = cfg.kill
-    return KillOptions(
-        mrelease=k.mrelease,
-        exit_timeout_ns=k.exit_timeout_ms * 1_000_000,
-        mem_recovery_timeout_ns=k.mem_recovery_timeout_ms * 1_000_000,
-        mem_recovery_fraction=k.mem_recovery_fraction,
-    )
-
-
 @dataclass
 class Assembly:
     """How to make the config-dependent parts; used at start and again on reload."""
@@ -99,7 +89,7 @@ def build(cfg: Config, *, sink: Sink, wake_fd: int | None = None, procfs: ProcFs
     asm = Assembly(procfs or ProcFs(), wake_fd)
     scope_dir, _ = asm.scope(cfg)
     table = CandidateTable(asm.proc, asm.rules(cfg), scope_dir=scope_dir, clock=time.monotonic_ns)
-    killer = Killer(LinuxSyscalls(), asm.proc, options=kill_options(cfg), provenance=provenance.collect(cfg.digest()))
+    killer = Killer(LinuxSyscalls(), asm.proc, options=KillOptions.from_config(cfg.kill), provenance=provenance.collect(cfg.digest()))
     source = asm.source(cfg)
     if cfg.tracing != "off" and not cfg.dry_run:
         from lmkd_py.tracing import open_tracer
@@ -131,7 +121,7 @@ def reconfigure(daemon: Daemon, new: Config, asm: Assembly) -> str | None:
     # Everything could be made: swap.
     daemon.cfg = new
     daemon.table.rules = rules
-    daemon.killer.options = kill_options(new)
+    daemon.killer.options = KillOptions.from_config(new.kill)
     daemon.killer.provenance = daemon.killer.provenance.model_copy(update={"config_hash": new.digest()})
     if source is not None:
         daemon.source.close()

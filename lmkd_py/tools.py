@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -28,18 +29,6 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_config_schema(args: argparse.Namespace) -> int:
     print(json.dumps(json_schema(), indent=2))
     return 0
-
-
-def kill_options(cfg_kill: object, *, mrelease: bool | None = None, timeout_s: float | None = None) -> KillOptions:
-    from lmkd_py.config import KillConfig
-
-    assert isinstance(cfg_kill, KillConfig)
-    return KillOptions(
-        mrelease=cfg_kill.mrelease if mrelease is None else mrelease,
-        exit_timeout_ns=int(timeout_s * 1e9) if timeout_s is not None else cfg_kill.exit_timeout_ms * 1_000_000,
-        mem_recovery_timeout_ns=cfg_kill.mem_recovery_timeout_ms * 1_000_000,
-        mem_recovery_fraction=cfg_kill.mem_recovery_fraction,
-    )
 
 
 def summary(record: KillRecord) -> str:
@@ -86,11 +75,16 @@ def cmd_kill(args: argparse.Namespace) -> int:
     except (ConfigError, UnsupportedArchitecture) as exc:
         print(f"lmkd-py: {exc}", file=sys.stderr)
         return 2
+    options = KillOptions.from_config(cfg.kill)
+    if args.no_mrelease:
+        options = dataclasses.replace(options, mrelease=False)
+    if args.timeout is not None:
+        options = dataclasses.replace(options, exit_timeout_ns=int(args.timeout * 1e9))
     proc = ProcFs()
     killer = Killer(
         syscalls,
         proc,
-        options=kill_options(cfg.kill, mrelease=False if args.no_mrelease else None, timeout_s=args.timeout),
+        options=options,
         provenance=provenance.collect(cfg.digest()),
     )
     tracer = None
