@@ -89,7 +89,8 @@ def build(cfg: Config, *, sink: Sink, wake_fd: int | None = None, procfs: ProcFs
     asm = Assembly(procfs or ProcFs(), wake_fd)
     scope_dir, _ = asm.scope(cfg)
     table = CandidateTable(asm.proc, asm.rules(cfg), scope_dir=scope_dir, clock=time.monotonic_ns)
-    killer = Killer(LinuxSyscalls(), asm.proc, options=KillOptions.from_config(cfg.kill), provenance=provenance.collect(cfg.digest()))
+    killer = Killer(LinuxSyscalls(), asm.proc, options=KillOptions.from_config(cfg.kill),
+                    provenance=provenance.collect(cfg.digest()))
     source = asm.source(cfg)
     if cfg.tracing != "off" and not cfg.dry_run:
         from lmkd_py.tracing import open_tracer
