@@ -12,7 +12,7 @@ from pathlib import Path
 
 from lmkd_py import __version__
 
-COMMANDS = ("kill", "check-config", "config-schema", "report", "compare", "stress", "observe")
+COMMANDS = ("kill", "check-config", "config-schema", "report", "compare", "stress", "observe", "lab")
 
 
 def _add_daemon_args(p: argparse.ArgumentParser) -> None:
@@ -96,6 +96,13 @@ def _add_observe(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
 
 
+def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from lmkd_py.lab.args import add_lab_arguments  # light: argparse, os and pathlib only
+
+    p = sub.add_parser("lab", help="A/B arm64 kernels under QEMU TCG: the same victims killed on each, compared")
+    add_lab_arguments(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmkd-py",
@@ -116,6 +123,7 @@ def build_command_parser() -> argparse.ArgumentParser:
     _add_report(sub)
     _add_stress(sub)
     _add_observe(sub)
+    _add_lab(sub)
     return parser
 
 
@@ -137,6 +145,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from lmkd_py.observe import cmd_observe
 
         handlers["observe"] = cmd_observe
+    elif args.command == "lab":
+        from lmkd_py.lab.cli import cmd_lab
+
+        handlers["lab"] = cmd_lab
     elif args.command == "stress":
         from lmkd_py.stress import cmd_stress
 
