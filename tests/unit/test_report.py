@@ -463,3 +463,13 @@ def test_nan_is_never_emitted() -> None:
     r = compare_values("x", "ms", np.array([0.0, 0.0, 0.0]), np.array([0.0, 0.0, 0.0]), BootstrapOptions(resamples=100))
     assert r.diff_pct is None  # relative to a zero median: unknown, not inf
     assert r.p_value is None or not math.isnan(r.p_value)
+
+
+def test_victims_a_few_kib_apart_are_not_different_sizes(tmp_path: Path) -> None:
+    # As in the arm64 lab: the same victim measured 267.32 vs 267.33 MiB on two kernels; KS calls that
+    # a different distribution (constant samples), but it changes no latency: no per-GiB rows.
+    a = write(tmp_path / "a.jsonl", [rec(rss_kib=273_740, kill_to_exit_ns=10_000_000 + i) for i in range(25)])
+    b = write(tmp_path / "b.jsonl", [rec(rss_kib=273_748, kill_to_exit_ns=10_000_000 + i) for i in range(25)])
+    doc = strict_json(run_compare(a=[a], b=[b])[1])
+    assert not any("victim sizes differ" in w for w in doc["warnings"])
+    assert not any(m["name"].endswith("_per_gib") for m in doc["metrics"])
