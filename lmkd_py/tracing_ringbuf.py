@@ -100,9 +100,9 @@ def _parse_fields(text: str) -> list[FieldFormat]:
     fields = []
     for m in _FIELD_RE.finditer(text):
         decl = m.group("decl").strip()
-        is_array = decl.endswith("]")
-        base = decl.split("[", 1)[0].strip()
-        name = base.split()[-1].lstrip("*")
+        # "char comm[16]" and "__data_loc char[] comm" (a dynamic array carries the brackets on its type)
+        is_array = "[" in decl
+        name = re.sub(r"\[[^\]]*\]", "", decl).split()[-1].lstrip("*")
         fields.append(
             FieldFormat(
                 name=name,

@@ -510,3 +510,19 @@ def test_mode_off_and_bad_mode() -> None:
     with pytest.raises(ValueError):
         open_tracer("sometimes")
     assert TracingUnavailable("x").reason == "x"
+
+
+def test_data_loc_field_is_named_by_its_last_word() -> None:
+    from lmkd_py.tracing_ringbuf import parse_event_format
+
+    fmt = parse_event_format(
+        "oom",
+        "name: mark_victim\nID: 7\nformat:\n"
+        "\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n"
+        "\tfield:int pid;\toffset:8;\tsize:4;\tsigned:1;\n"
+        "\tfield:__data_loc char[] comm;\toffset:12;\tsize:4;\tsigned:0;\n"
+        "\tfield:char name[16];\toffset:16;\tsize:16;\tsigned:0;\n",
+    )
+    names = {f.name: f.is_array for f in fmt.fields}
+    assert names["comm"] is True and names["name"] is True and names["pid"] is False
+    assert "char" not in names
