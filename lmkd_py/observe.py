@@ -1,0 +1,386 @@
+"""Observe mode: record the reap latency of kills that lmkd-py did not make. Never kills.
+
+``lmkd-py observe`` watches every SIGKILL on the system (the kernel OOM killer's, Android lmkd's, a vendor
+daemon's, systemd-oomd's, a shell's) and writes one ``KillRecord`` per killed process, in the format of
+lmkd-py's own kills (``observed`` true, ``killer`` saying who), so ``report`` and ``compare`` read them
+unchanged. It is meant to be left on in the field: the cost is the kernel's tracepoints (a ring-buffer
+write per exit) plus one wake-up of this loop per second; see benchmarks/observe_overhead.py.
+
+Modules: this one runs the loop (``run_observe``) and the command (``cmd_observe``);
+``observe_trace`` owns the two tracefs instances and the proc connector, ``observe_track`` matches events
+to victims, ``observe_record`` builds the records, ``observe_procs`` reads /proc.
+
+The loop, per wake-up (a SIGKILL-related event wakes it at once; otherwise once a second, or every
+``PENDING_TICK_NS`` while a kill is pending):
+
+1. ``t`` = now; read the signal instance. For each ``process_mrelease`` entry read the caller's
+   ``/proc/TID/fdinfo/FD`` (the pidfd's target, before the killer closes it); for each SIGKILL read the
+   target's and the sender's /proc files.
+2. Read the exit flight recorder (decoded only when a kill is pending) and, while a kill is pending,
+   the proc connector (listened to only then).
+3. Feed every event older than ``t`` to the tracker in timestamp order (later ones wait for the next
+   round: an event of the other instance or the connector may still come before them), and write the
+   records of the kills that are finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import select
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any, Protocol
+
+import structlog
+
+from lmkd_py import log as logsetup
+from lmkd_py import provenance
+from lmkd_py.candidates import cgroup_v2_relpath
+from lmkd_py.config import Config, ConfigError, load_config
+from lmkd_py.observe_procs import MemSampler, WarmTable, read_pidfd_target, read_task_facts, read_victim_facts
+from lmkd_py.observe_record import build_record
+from lmkd_py.observe_trace import ExitListener, ObserveTrace
+from lmkd_py.observe_track import GENERATE, MR_ENTER, ObservedKill, Tracker
+from lmkd_py.procfs import ProcFs
+from lmkd_py.records import KillRecord, RecordWriter
+from lmkd_py.tracing_instance import TracingUnavailable, parse_kernel_version
+from lmkd_py.tracing_proc import ProcExit
+from lmkd_py.tracing_ringbuf import TraceEvent
+
+IDLE_TICK_NS = 1_000_000_000  # drain the exit recorder, sample MemAvailable
+PENDING_TICK_NS = 20_000_000
+WARM_REFRESH_NS = 5_000_000_000
+WARM_MIN_RSS_KIB = 16 * 1024
+HORIZON_MARGIN_NS = 2_000_000  # commit lag between an event's timestamp and its readability
+FOREVER_NS = 1 << 62
+MAX_STEP_FAILURES = 10
+
+
+class Sink(Protocol):
+    def write(self, record: KillRecord) -> bool: ...
+
+
+class Observer:
+    """The loop's state (module docstring). Built by ``run_observe``; ``step()`` is one wake-up."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        trace: ObserveTrace,
+        listener: ExitListener | None,
+        *,
+        sink: Sink,
+        proc: ProcFs,
+        scope_cgroup: str | None,
+        scope_dir: Path | None,
+        warm_min_rss_kib: int,
+        warm_refresh_ns: int,
+        log: Any,
+    ) -> None:
+        self.trace = trace
+        self.listener = listener
+        self.sink = sink
+        self.proc = proc
+        self.log = log
+        self.clock = time.monotonic_ns
+        self.kernel_version = parse_kernel_version(os.uname().release)
+        self.provenance = provenance.collect(cfg.digest())
+        self.warm = WarmTable(proc, min_rss_kib=warm_min_rss_kib, scope_dir=scope_dir, clock=self.clock)
+        self.warm_refresh_ns = warm_refresh_ns
+        self.mem = MemSampler(proc)
+        self.tracker = Tracker(
+            timeout_ns=cfg.kill.exit_timeout_ms * 1_000_000,
+            scope_cgroup=scope_cgroup,
+            mem_before=self.mem.before,
+            exit_traced=trace.exits is not None,
+        )
+        self.setup_notes = list(trace.notes)
+        if listener is None:
+            self.setup_notes.append("proc_exit_ns: proc connector unavailable")
+        self._carry: list[TraceEvent] = []
+        self._carry_proc: list[ProcExit] = []
+        self._next_idle_ns = 0
+        self._last_read_ns = 0  # nothing read yet: keep every exit event
+        self._next_warm_ns = 0
+        self.written = 0
+        self.dropped = 0
+
+    def housekeeping(self, now_ns: int) -> None:
+        """Idle work: drain the exit recorder undecoded, sample MemAvailable, refresh the warm table."""
+        if now_ns >= self._next_idle_ns:
+            # Only what precedes the last read of the signal instance may go: a kill after it is not
+            # known yet, and its exits must stay.
+            self.trace.read_exit_events(self._last_read_ns - HORIZON_MARGIN_NS, False, [])
+            self.mem.sample(self.clock())
+            self._next_idle_ns = now_ns + IDLE_TICK_NS
+        if now_ns >= self._next_warm_ns:
+            self.warm.refresh()
+            self._next_warm_ns = now_ns + self.warm_refresh_ns
+
+    def timeout_ms(self, now_ns: int) -> int:
+        if self.tracker.pending or self._carry or self._carry_proc:
+            return PENDING_TICK_NS // 1_000_000
+        due = min(self._next_idle_ns, self._next_warm_ns)
+        return max(1, min(IDLE_TICK_NS, due - now_ns) // 1_000_000 + 1)
+
+    def _enrich(self, events: list[TraceEvent], now_ns: int, notes: list[str]) -> None:
+        """Read what only /proc knows, at once: first the pidfd targets (a killer closes its pidfd right
+        after process_mrelease), then, after subscribing to exit events when a SIGKILL came (a small
+        victim is gone within milliseconds), the SIGKILLs' targets and senders."""
+        tr = self.tracker
+        for ev in events:
+            if ev.name == MR_ENTER:
+                fd = ev.fields.get("pidfd")
+                target = read_pidfd_target(self.proc, ev.pid, fd) if isinstance(fd, int) else None
+                if target is not None:
+                    tr.add_mrelease_target(ev.pid, ev.ts_ns, target)
+                if tr.facts(ev.pid) is None:
+                    caller = read_task_facts(self.proc, ev.pid)
+                    if caller is not None:
+                        tr.add_facts(caller, now_ns)
+        listener = self.listener
+        if listener is not None and not listener.listening and any(e.name == GENERATE for e in events):
+            try:
+                listener.listen()
+            except OSError as exc:
+                notes.append(f"proc connector listen failed ({exc.strerror})")
+        for ev in events:
+            if ev.name != GENERATE or ev.fields.get("result") != 0:
+                continue
+            target_field = ev.fields.get("pid")
+            if not isinstance(target_field, int) or target_field in tr.pending:
+                continue
+            target = target_field
+            raw = ev.fields.get("comm")
+            comm = raw.split(b"\0", 1)[0].decode(errors="replace") if isinstance(raw, bytes) else None
+            facts = read_victim_facts(self.proc, self.warm, target, comm, now_ns)
+            if facts is not None:
+                tr.add_facts(facts, now_ns)
+            if ev.pid != target and ev.pid > 0:
+                sender = read_task_facts(self.proc, ev.pid)
+                if sender is not None:
+                    tr.add_facts(sender, now_ns)
+
+    def step(self, final: bool = False) -> None:
+        """Read what is there, feed what is final, write what is finished. ``final``: the last call
+        before stopping: everything read is fed and every pending kill is written as it stands."""
+        tr = self.tracker
+        t = self.clock()
+        notes: list[str] = []
+        sig = self.trace.read_signal_events(notes)
+        self._last_read_ns = t
+        self._enrich(sig, t, notes)
+        self._carry.extend(sig)
+        gens = [e.ts_ns for e in self._carry if e.name == GENERATE]
+        pending = bool(tr.pending or gens)
+        listener = self.listener
+        horizon = min([t, *gens, *([tr.oldest_ns] if tr.oldest_ns is not None else [])]) - HORIZON_MARGIN_NS
+        self._carry.extend(self.trace.read_exit_events(horizon, pending, notes))
+        if listener is not None and listener.listening:
+            try:
+                self._carry_proc.extend(listener.drain())
+            except OSError as exc:
+                notes.append(f"proc connector read failed ({exc.strerror})")
+        self.trace.lost_signal_events(notes)
+        cut = FOREVER_NS if final else t
+        ready = sorted((e for e in self._carry if e.ts_ns < cut), key=lambda e: e.ts_ns)
+        self._carry = [e for e in self._carry if e.ts_ns >= cut]
+        exits = sorted((e for e in self._carry_proc if e.timestamp_ns < cut), key=lambda e: e.timestamp_ns)
+        self._carry_proc = [e for e in self._carry_proc if e.timestamp_ns >= cut]
+        i = 0
+        for ev in ready:
+            while i < len(exits) and exits[i].timestamp_ns < ev.ts_ns:
+                tr.feed_proc_exit(exits[i])
+                i += 1
+            tr.feed(ev)
+        for e in exits[i:]:
+            tr.feed_proc_exit(e)
+        for note in notes:
+            tr.note_all(note)
+            self.log.debug("observe.trace_note", note=note)
+        for k in tr.due(cut):
+            if final and k.timed_out:
+                k.notes.append("observe was stopped before this kill's exit was complete")
+            self._write(k)
+        if listener is not None and listener.listening and not tr.pending and not self._carry:
+            try:
+                listener.ignore()
+            except OSError as exc:
+                self.log.debug("observe.proc_ignore_failed", error=str(exc))
+
+    def _write(self, k: ObservedKill) -> None:
+        record = build_record(
+            k,
+            kernel_version=self.kernel_version,
+            end_ns=self.clock(),
+            mem_after_kib=self.mem.read(),
+            provenance=self.provenance,
+            source="tracefs+proc_connector" if self.listener is not None else "tracefs",
+            mrelease_traced=self.trace.mrelease_traced,
+            extra_notes=self.setup_notes,
+        )
+        if self.sink.write(record):
+            self.written += 1
+        else:
+            self.dropped += 1
+        kt = record.kernel
+        killer = record.killer
+        self.log.info(
+            "observe.kill",
+            pid=record.victim.pid,
+            comm=record.victim.comm,
+            killer=killer.kind if killer else None,
+            killer_pid=killer.pid if killer else None,
+            killer_comm=killer.comm if killer else None,
+            kill_to_exit_ms=_ms(record.kill_to_exit_ns),
+            reaper_work_ms=_ms(kt.reaper_work_ns if kt else None),
+            exit_mmap_ms=_ms(kt.exit_mmap_ns if kt else None),
+            mrelease=record.mrelease.status.value,
+        )
+
+
+def _ms(ns: int | None) -> float | None:
+    return round(ns / 1e6, 3) if ns is not None else None
+
+
+def run_observe(
+    cfg: Config,
+    *,
+    sink: Sink,
+    duration_ns: int | None,
+    cgroup: Path | None,
+    stop: Callable[[], bool],
+    wake_fd: int | None = None,
+    tracefs_root: Path | None = None,
+    procfs: ProcFs | None = None,
+    warm_min_rss_kib: int = WARM_MIN_RSS_KIB,
+    warm_refresh_ns: int = WARM_REFRESH_NS,
+    trace_mrelease: bool = True,
+) -> int:
+    """Observe until ``stop()`` is true or ``duration_ns`` passed; pending kills are then written as
+    they stand. Returns 0, or 1 when observing cannot start here (not root, no usable tracefs, ``cgroup``
+    not a cgroup v2 directory; logged as ``observe.unavailable``) or reading the trace failed
+    ``MAX_STEP_FAILURES`` times in a row. Logs ``observe.ready`` once every event is armed.
+    ``wake_fd``: a file descriptor (e.g. a signal wake-up pipe) whose readability makes the loop check
+    ``stop`` at once. The tracefs instances are removed on every way out (return, exception, atexit).
+    ``trace_mrelease`` False leaves the syscall events off (they slow every syscall on the system a
+    little, see ``observe_trace.MRELEASE_EVENTS``): process_mrelease calls are then not recorded.
+    """
+    log = structlog.get_logger("lmkd_py.observe")
+    if os.geteuid() != 0:
+        log.error("observe.unavailable", reason="needs root (tracefs instances, other processes' /proc)")
+        return 1
+    scope: str | None = None
+    if cgroup is not None:
+        if not (cgroup / "cgroup.procs").exists():
+            log.error("observe.unavailable", reason=f"{cgroup}: not a cgroup v2 directory (no cgroup.procs)")
+            return 1
+        scope = cgroup_v2_relpath(cgroup, Path("/proc/self/mounts").read_text())
+        if scope is None:
+            log.error("observe.unavailable", reason=f"{cgroup}: not under a cgroup2 mount")
+            return 1
+    from lmkd_py.tracing import find_tracefs
+
+    try:
+        trace = ObserveTrace(find_tracefs(tracefs_root, log), log, mrelease=trace_mrelease)
+    except TracingUnavailable as exc:
+        log.error("observe.unavailable", reason=exc.reason)
+        return 1
+    listener: ExitListener | None = None
+    try:
+        try:
+            listener = ExitListener(parse_kernel_version(os.uname().release))
+        except OSError as exc:
+            log.warning("observe.proc_connector_unavailable", error=exc.strerror or str(exc))
+        obs = Observer(
+            cfg, trace, listener, sink=sink, proc=procfs or ProcFs(), scope_cgroup=scope,
+            scope_dir=cgroup, warm_min_rss_kib=warm_min_rss_kib, warm_refresh_ns=warm_refresh_ns, log=log,
+        )
+        poller = select.poll()
+        for fd in trace.signal.fds():
+            poller.register(fd, select.POLLIN)
+        if wake_fd is not None:
+            poller.register(wake_fd, select.POLLIN)
+        start = obs.clock()
+        obs.housekeeping(start)
+        log.info("observe.ready", pid=os.getpid(), instance=str(trace.signal.path), events=sorted(trace.enabled),
+                 warm_processes=len(obs.warm), scope=scope, proc_connector=listener is not None)
+        deadline = start + duration_ns if duration_ns is not None else None
+        failures = 0
+        while not stop():
+            now = obs.clock()
+            if deadline is not None and now >= deadline:
+                break
+            timeout = obs.timeout_ms(now)
+            if deadline is not None:
+                timeout = max(0, min(timeout, (deadline - now) // 1_000_000 + 1))
+            woken = poller.poll(timeout)
+            if wake_fd is not None and any(fd == wake_fd for fd, _ in woken):
+                with contextlib.suppress(OSError):
+                    os.read(wake_fd, 4096)
+            try:
+                obs.step()
+                if not obs.tracker.pending:
+                    obs.housekeeping(obs.clock())
+                failures = 0
+            except OSError as exc:
+                # tracefs or /proc refusing a read (e.g. the instance removed under us): say so, retry a
+                # few times, then give up rather than spin.
+                failures += 1
+                log.error("observe.step_failed", error=str(exc), failures=failures)
+                if failures >= MAX_STEP_FAILURES:
+                    return 1
+                time.sleep(1.0)
+        try:
+            obs.step(final=True)
+        except OSError as exc:
+            log.error("observe.step_failed", error=str(exc), failures=failures + 1)
+        log.info("observe.stop", written=obs.written, dropped=obs.dropped, pending=len(obs.tracker.pending),
+                 out_of_scope=obs.tracker.skipped_out_of_scope)
+        return 0
+    finally:
+        if listener is not None:
+            listener.close()
+        trace.close()
+
+
+def cmd_observe(args: argparse.Namespace) -> int:
+    """``lmkd-py observe``: run until SIGTERM/SIGINT or ``--duration``; records to ``--records`` or the
+    config's records file."""
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"lmkd-py: invalid config:\n{exc}", file=sys.stderr)
+        return 2
+    logsetup.configure(args.log_format, args.log_level or cfg.log_level)
+    path = args.records or cfg.records_path()
+    writer = RecordWriter(path, cfg.records.max_bytes, cfg.records.keep, cfg.records.fsync)
+    stopping: list[int] = []
+
+    def on_stop(signum: int, _frame: FrameType | None) -> None:
+        stopping.append(signum)
+
+    rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    old_wakeup = signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+    old = {s: signal.signal(s, on_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        duration = int(args.duration * 1e9) if args.duration is not None else None
+        rc = run_observe(cfg, sink=writer, duration_ns=duration, cgroup=args.cgroup, stop=lambda: bool(stopping),
+                         wake_fd=rfd)
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        signal.set_wakeup_fd(old_wakeup)
+        os.close(rfd)
+        os.close(wfd)
+    if writer.stats.dropped:
+        print(f"lmkd-py: {writer.stats.dropped} records NOT stored: {writer.stats.last_error}", file=sys.stderr)
+    if rc == 0:
+        print(f"{writer.stats.written} observed kill records appended to {writer.path}", file=sys.stderr)
+    return rc
