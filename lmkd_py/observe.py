@@ -43,6 +43,7 @@ from lmkd_py import log as logsetup
 from lmkd_py import provenance
 from lmkd_py.candidates import cgroup_v2_relpath
 from lmkd_py.config import Config, ConfigError, load_config
+from lmkd_py.daemon import Notifier
 from lmkd_py.observe_procs import MemSampler, WarmTable, read_pidfd_target, read_task_facts, read_victim_facts
 from lmkd_py.observe_record import build_record
 from lmkd_py.observe_trace import ExitListener, ObserveTrace
@@ -262,6 +263,7 @@ def run_observe(
     warm_min_rss_kib: int = WARM_MIN_RSS_KIB,
     warm_refresh_ns: int = WARM_REFRESH_NS,
     trace_mrelease: bool = True,
+    notifier: Notifier | None = None,
 ) -> int:
     """Observe until ``stop()`` is true or ``duration_ns`` passed; pending kills are then written as
     they stand. Returns 0, or 1 when observing cannot start here (not root, no usable tracefs, ``cgroup``
@@ -311,6 +313,9 @@ def run_observe(
         obs.housekeeping(start)
         log.info("observe.ready", pid=os.getpid(), instance=str(trace.signal.path), events=sorted(trace.enabled),
                  warm_processes=len(obs.warm), scope=scope, proc_connector=listener is not None)
+        if notifier is not None:
+            notifier.ready("observing SIGKILLs")
+        last_ping = start
         deadline = start + duration_ns if duration_ns is not None else None
         failures = 0
         while not stop():
@@ -318,6 +323,8 @@ def run_observe(
             if deadline is not None and now >= deadline:
                 break
             timeout = obs.timeout_ms(now)
+            if notifier is not None and notifier.watchdog_interval_ns:
+                timeout = min(timeout, notifier.watchdog_interval_ns // 1_000_000)
             if deadline is not None:
                 timeout = max(0, min(timeout, (deadline - now) // 1_000_000 + 1))
             woken = poller.poll(timeout)
@@ -329,6 +336,11 @@ def run_observe(
                 if not obs.tracker.pending:
                     obs.housekeeping(obs.clock())
                 failures = 0
+                # Pinged only after a step completes: a stuck loop stops the pings (as the kill loop).
+                wd = notifier.watchdog_interval_ns if notifier is not None else None
+                if notifier is not None and wd and obs.clock() - last_ping >= wd:
+                    notifier.watchdog()
+                    last_ping = obs.clock()
             except OSError as exc:
                 # tracefs or /proc refusing a read (e.g. the instance removed under us): say so, retry a
                 # few times, then give up rather than spin.
@@ -341,6 +353,8 @@ def run_observe(
             obs.step(final=True)
         except OSError as exc:
             log.error("observe.step_failed", error=str(exc), failures=failures + 1)
+        if notifier is not None:
+            notifier.stopping()
         log.info("observe.stop", written=obs.written, dropped=obs.dropped, pending=len(obs.tracker.pending),
                  out_of_scope=obs.tracker.skipped_out_of_scope)
         return 0
@@ -359,7 +373,15 @@ def cmd_observe(args: argparse.Namespace) -> int:
         print(f"lmkd-py: invalid config:\n{exc}", file=sys.stderr)
         return 2
     logsetup.configure(args.log_format, args.log_level or cfg.log_level)
-    path = args.records or cfg.records_path()
+    return serve(cfg, records=args.records, duration_s=args.duration, cgroup=args.cgroup)
+
+
+def serve(cfg: Config, *, records: Path | None, duration_s: float | None, cgroup: Path | None) -> int:
+    """Observe as a process: signals, sd_notify, records file; used by ``lmkd-py observe`` and by the
+    daemon when the config says ``mode = "observe"``. Returns run_observe's exit code."""
+    from lmkd_py.sdnotify import Notifier as SdNotifier
+
+    path = records or cfg.records_path()
     writer = RecordWriter(path, cfg.records.max_bytes, cfg.records.keep, cfg.records.fsync)
     stopping: list[int] = []
 
@@ -370,9 +392,12 @@ def cmd_observe(args: argparse.Namespace) -> int:
     old_wakeup = signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
     old = {s: signal.signal(s, on_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        duration = int(args.duration * 1e9) if args.duration is not None else None
-        rc = run_observe(cfg, sink=writer, duration_ns=duration, cgroup=args.cgroup, stop=lambda: bool(stopping),
-                         wake_fd=rfd)
+        duration = int(duration_s * 1e9) if duration_s is not None else None
+        rc = run_observe(
+            cfg, sink=writer, duration_ns=duration, cgroup=cgroup, stop=lambda: bool(stopping), wake_fd=rfd,
+            warm_min_rss_kib=cfg.observe.min_rss_kib, warm_refresh_ns=cfg.observe.refresh_interval_ms * 1_000_000,
+            trace_mrelease=cfg.observe.trace_mrelease, notifier=SdNotifier.from_env(),
+        )
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)

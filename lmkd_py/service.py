@@ -140,6 +140,10 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         print(f"lmkd-py: invalid config:\n{exc}", file=sys.stderr)
         return 2
     logsetup.configure(args.log_format, cfg.log_level)
+    if cfg.mode == "observe":
+        from lmkd_py.observe import serve
+
+        return serve(cfg, records=cfg.records.path, duration_s=args.duration, cgroup=cfg.pressure.cgroup)
     from lmkd_py.sdnotify import Notifier as SdNotifier
 
     notifier: Notifier = SdNotifier.from_env()

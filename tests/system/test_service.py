@@ -118,3 +118,28 @@ def _drain_has(sock: NotifySocket, needle: str) -> bool:
     except AssertionError:
         return False
     return True
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="observe mode needs root (tracefs instances)")
+def test_observe_mode_from_the_config_speaks_sd_notify(tmp_path: Path) -> None:
+    sock = NotifySocket(tmp_path / "notify")
+    cfg = tmp_path / "observe.toml"
+    cfg.write_text(f'mode = "observe"\n[records]\npath = "{tmp_path / "obs.jsonl"}"\n')
+    env = dict(os.environ, NOTIFY_SOCKET=str(sock.path), WATCHDOG_USEC="1000000")
+    p = subprocess.Popen([sys.executable, "-m", "lmkd_py.cli", "--config", str(cfg), "--log-format", "json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        sock.expect("READY=1", timeout=20)
+        sock.expect("WATCHDOG=1", timeout=2)
+        sock.expect("WATCHDOG=1", timeout=2)
+        p.send_signal(signal.SIGTERM)
+        _out, err = p.communicate(timeout=30)
+        assert p.returncode == 0, err[-2000:]
+        assert "observe.ready" in err and "daemon.ready" not in err
+        if not any("STOPPING=1" in m for m in sock.messages):
+            sock.expect("STOPPING=1", timeout=2)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+        sock.sock.close()
