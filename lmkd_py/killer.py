@@ -263,18 +263,7 @@ class Killer:
         victim = expected.model_copy(update={"start_time_ticks": st.start_time_ticks, "comm": st.comm})
         # 2. sizes by kind, just before the kill.
         try:
-            status = self.proc.status(expected.pid)
-            victim = victim.model_copy(
-                update={
-                    "uid": status.uid,
-                    "threads": status.threads,
-                    "rss_kib": status.vm_rss_kib,
-                    "rss_anon_kib": status.rss_anon_kib,
-                    "rss_file_kib": status.rss_file_kib,
-                    "rss_shmem_kib": status.rss_shmem_kib,
-                    "swap_kib": status.vm_swap_kib,
-                }
-            )
+            victim = victim.model_copy(update=self.proc.status(expected.pid).victim_fields())
         except (FileNotFoundError, ProcParseError) as exc:
             b.notes.append(f"status unreadable before the kill: {exc}")
         b.victim = self._describe(victim)

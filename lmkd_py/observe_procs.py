@@ -22,7 +22,7 @@ import structlog
 from lmkd_py.candidates import PAGE_KIB, subtree_pids
 from lmkd_py.observe_record import parse_pidfd_fdinfo
 from lmkd_py.observe_track import ProcessFacts
-from lmkd_py.procfs import ProcFs, ProcParseError, ProcStatus, cgroup_v2_path
+from lmkd_py.procfs import ProcFs, ProcParseError, cgroup_v2_path
 from lmkd_py.records import Victim
 
 log = structlog.get_logger("lmkd_py.observe")
@@ -34,18 +34,6 @@ class WarmEntry:
     victim: Victim
     tids: frozenset[int]
     read_ns: int
-
-
-def _sizes(status: ProcStatus) -> dict[str, object]:
-    return {
-        "uid": status.uid,
-        "threads": status.threads,
-        "rss_kib": status.vm_rss_kib,
-        "rss_anon_kib": status.rss_anon_kib,
-        "rss_file_kib": status.rss_file_kib,
-        "rss_shmem_kib": status.rss_shmem_kib,
-        "swap_kib": status.vm_swap_kib,
-    }
 
 
 class WarmTable:
@@ -92,7 +80,7 @@ class WarmTable:
                 status = self.proc.status(pid)
                 victim = Victim(
                     pid=pid, comm=st.comm, cmdline=info[0], cgroup=info[1], start_time_ticks=st.start_time_ticks,
-                    oom_score_adj=self.proc.oom_score_adj(pid), **_sizes(status),
+                    oom_score_adj=self.proc.oom_score_adj(pid), **status.victim_fields(),
                 )
                 tids = task_ids(self.proc, pid) if (status.threads or 1) > 1 else frozenset({pid})
             except _GONE as exc:
@@ -138,7 +126,7 @@ def read_victim_facts(
         victim = Victim(
             pid=tgid, comm=st.comm, start_time_ticks=st.start_time_ticks,
             cmdline=" ".join(proc.cmdline(tgid))[:512], cgroup=cgroup_v2_path(proc.cgroup(tgid)),
-            oom_score_adj=proc.oom_score_adj(tgid), **_sizes(status),
+            oom_score_adj=proc.oom_score_adj(tgid), **status.victim_fields(),
         )
     except _GONE:
         entry = warm.get(tid)

@@ -77,6 +77,18 @@ class ProcStatus:
     rss_shmem_kib: int | None
     vm_swap_kib: int | None
 
+    def victim_fields(self) -> dict[str, int | None]:
+        """The fields of a records.Victim this status gives (uid, threads, sizes by kind)."""
+        return {
+            "uid": self.uid,
+            "threads": self.threads,
+            "rss_kib": self.vm_rss_kib,
+            "rss_anon_kib": self.rss_anon_kib,
+            "rss_file_kib": self.rss_file_kib,
+            "rss_shmem_kib": self.rss_shmem_kib,
+            "swap_kib": self.vm_swap_kib,
+        }
+
 
 _STATUS_KIB = {
     "VmRSS": "vm_rss_kib",
