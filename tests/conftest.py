@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -60,3 +63,41 @@ def children() -> Iterator[Children]:
 
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (cgroups, tracefs, other users' processes)")
+
+
+NOBODY = 65534
+NOBODY_MODULES = ("lmkd_py", "pydantic", "pydantic_core", "structlog", "typing_extensions", "annotated_types",
+                  "typing_inspection")
+
+
+@pytest.fixture(scope="session")
+def nobody_python() -> Iterator[tuple[list[str], dict[str, str]]]:
+    """A command prefix and environment that run lmkd-py as ``nobody`` wherever the checkout lives.
+
+    The venv sits inside the checkout, which ``nobody`` may not be able to reach (CI clones into a folder
+    of its choosing; root's home is 0700 here). So lmkd-py and its runtime dependencies are copied into
+    a world-readable directory and run with the system interpreter, which every user can execute."""
+    import importlib.util
+
+    base = Path(tempfile.mkdtemp(prefix="lmkd-py-nobody-"))
+    try:
+        for name in NOBODY_MODULES:
+            spec = importlib.util.find_spec(name)
+            assert spec is not None and spec.origin is not None, f"{name} is not installed"
+            origin = Path(spec.origin)
+            if origin.name == "__init__.py":
+                shutil.copytree(origin.parent, base / origin.parent.name,
+                                ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(origin, base / origin.name)
+        for root, _dirs, files in os.walk(base):
+            os.chmod(root, 0o755)
+            for f in files:
+                os.chmod(os.path.join(root, f), 0o644)
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(base), "PYTHONDONTWRITEBYTECODE": "1"}
+        yield [SYSTEM_PYTHON, "-m", "lmkd_py.cli"], env
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import needs_root
+from tests.conftest import NOBODY, needs_root
 
 pytestmark = [needs_root, pytest.mark.slow]
 
@@ -92,13 +92,16 @@ def episode(tmp_path: Path) -> Iterator[dict[str, object]]:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _run_daemon(cfg_text: str, cg_v2: Path, records: Path, until: float, user: int | None = None
-                ) -> tuple[subprocess.Popen[str], float]:
+def _run_daemon(cfg_text: str, cg_v2: Path, records: Path, until: float,
+                as_nobody: tuple[list[str], dict[str, str]] | None = None) -> tuple[subprocess.Popen[str], float]:
     cfg = records.parent / "lmkd.toml"
     cfg.write_text(cfg_text)
-    cmd = [sys.executable, "-m", "lmkd_py.cli", "--config", str(cfg), "--cgroup", str(cg_v2),
+    prefix = as_nobody[0] if as_nobody else [sys.executable, "-m", "lmkd_py.cli"]
+    cmd = [*prefix, "--config", str(cfg), "--cgroup", str(cg_v2),
            "--records", str(records), "--duration", str(until), "--tracing", "off", "--log-format", "json"]
-    kw: dict[str, object] = {"user": user, "group": user, "extra_groups": []} if user is not None else {}
+    kw: dict[str, object] = (
+        {"user": NOBODY, "group": NOBODY, "extra_groups": [], "env": as_nobody[1]} if as_nobody else {}
+    )
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=records.parent,
                          **kw)  # type: ignore[call-overload]
     return p, time.monotonic()
@@ -143,13 +146,16 @@ def test_daemon_kills_the_victim_not_the_protected_before_the_kernel(episode: di
     assert '"psi.armed"' in err
 
 
-def test_dry_run_as_unprivileged_user_kills_nothing(episode: dict) -> None:
+def test_dry_run_as_unprivileged_user_kills_nothing(
+    episode: dict, nobody_python: tuple[list[str], dict[str, str]]
+) -> None:
     cg, victim, protected = episode["cg"], episode["victim"], episode["protected"]
     shared = Path(tempfile.mkdtemp(prefix="lmkd-py-dry-"))
     try:
         os.chmod(shared, 0o777)
         records = shared / "records.jsonl"
-        p, _ = _run_daemon(CONFIG.format(dry_run="true", mark=PROTECT_MARK), cg.v2_path, records, 60, user=65534)
+        p, _ = _run_daemon(CONFIG.format(dry_run="true", mark=PROTECT_MARK), cg.v2_path, records, 60,
+                           as_nobody=nobody_python)
         try:
             recs = _wait_for_record(records, p, 50)
         finally:

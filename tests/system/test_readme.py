@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -32,13 +31,14 @@ def test_exactly_two_commands_and_ci_runs_the_test_one() -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to the nobody user")
-def test_main_job_runs_as_nobody_on_the_default_config() -> None:
+def test_main_job_runs_as_nobody_on_the_default_config(nobody_python: tuple[list[str], dict[str, str]]) -> None:
     home = Path(tempfile.mkdtemp(prefix="lmkd-py-nobody-"))
     try:
         os.chmod(home, 0o777)
-        env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "XDG_STATE_HOME": str(home / "state")}
+        prefix, base_env = nobody_python
+        env = {**base_env, "HOME": str(home), "XDG_STATE_HOME": str(home / "state")}
         out = subprocess.run(
-            [sys.executable, "-m", "lmkd_py.cli", "--dry-run", "--duration", "3", "--log-format", "json"],
+            [*prefix, "--dry-run", "--duration", "3", "--log-format", "json"],
             capture_output=True, text=True, timeout=60, user=65534, group=65534, extra_groups=[], env=env,
             cwd=home,
         )
