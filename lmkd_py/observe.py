@@ -50,8 +50,9 @@ from lmkd_py.observe_trace import ExitListener, ObserveTrace
 from lmkd_py.observe_track import GENERATE, MR_ENTER, ObservedKill, Tracker
 from lmkd_py.procfs import ProcFs
 from lmkd_py.records import KillRecord, RecordWriter
-from lmkd_py.tracing_instance import TracingUnavailable, parse_kernel_version
+from lmkd_py.tracing_instance import parse_kernel_version
 from lmkd_py.tracing_proc import ProcExit
+from lmkd_py.tracing_raw import TracingUnavailable
 from lmkd_py.tracing_ringbuf import TraceEvent
 
 IDLE_TICK_NS = 1_000_000_000  # drain the exit recorder, sample MemAvailable

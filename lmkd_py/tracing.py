@@ -28,8 +28,9 @@ The buffers are read in binary (``per_cpu/cpuN/trace_pipe_raw``, see tracing_rin
 nanosecond timestamps; reading consumes them, so no clear (~16 ms) is needed between kills.
 
 Modules: this one is the API (``open_tracer``, the tracers, finding or mounting tracefs);
-tracing_instance.py runs the instance; tracing_ringbuf.py decodes the buffers; tracing_timeline.py
-turns events into the record's ``KernelTimeline``; tracing_proc.py reads the proc connector.
+tracing_instance.py runs the kill windows; tracing_raw.py makes, reads and removes the instance;
+tracing_ringbuf.py decodes the buffers; tracing_timeline.py turns events into the record's
+``KernelTimeline``; tracing_proc.py reads the proc connector.
 pyroute2 is not used: see tracing_proc.py for why, with the measured import cost.
 """
 
@@ -44,13 +45,8 @@ from typing import Any, Protocol
 import structlog
 
 from lmkd_py.records import KernelTimeline
-from lmkd_py.tracing_instance import (
-    INSTANCE_PREFIX,
-    TracefsTracer,
-    TracingUnavailable,
-    parse_kernel_version,
-    remove_stale_instances,
-)
+from lmkd_py.tracing_instance import TracefsTracer, parse_kernel_version
+from lmkd_py.tracing_raw import INSTANCE_PREFIX, TracingUnavailable, remove_stale_instances
 
 __all__ = [
     "DEFAULT_ROOTS",

@@ -1,13 +1,15 @@
-"""The tracefs instance behind ``lmkd_py.tracing``: its set-up, the kill window, and its removal.
+"""The kill tracer behind ``lmkd_py.tracing``: the kill window on a private tracefs instance.
 
-See ``lmkd_py.tracing`` for the design and the measured costs behind it.
+The instance itself (set-up, binary reads, removal) is a ``tracing_raw.RawInstance``; this module adds
+what a kill needs: recording off between kills, the per-kill ``common_pid`` filters and their clearing
+off the kill path, the proc connector, and the timeline. See ``lmkd_py.tracing`` for the design and the
+measured costs behind it.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import errno
 import os
 import queue
 import re
@@ -21,20 +23,9 @@ import structlog
 
 from lmkd_py.records import KernelTimeline
 from lmkd_py.tracing_proc import ProcConnector
-from lmkd_py.tracing_ringbuf import (
-    EventFormat,
-    FormatError,
-    PageLayout,
-    TraceEvent,
-    parse_cpu_stats,
-    parse_event_format,
-    parse_header_page,
-    parse_subbuffer,
-)
+from lmkd_py.tracing_raw import INSTANCE_PREFIX, RawInstance, remove_stale_instances, write_control
 from lmkd_py.tracing_timeline import KillWindow, build_timeline, parse_status_rss_kib, pid_filter
 
-INSTANCE_PREFIX = "lmkd-py-"
-_STALE_RE = re.compile(r"lmkd-py-(\d+)(?:-.*)?")
 EVENTS = (
     ("signal", "signal_generate"),
     ("signal", "signal_deliver"),
@@ -59,53 +50,16 @@ _NOISY = (
     "mmap_lock:mmap_lock_acquire_returned",
 )
 _STATIC_FILTERS = {
-    "events/signal/signal_generate/filter": "sig == 9",
-    "events/signal/signal_deliver/filter": "sig == 9",
+    "signal/signal_generate": "sig == 9",
+    "signal/signal_deliver": "sig == 9",
 }
 PROC_EXIT_WAIT_NS = 20_000_000
-
-
-class TracingUnavailable(Exception):
-    """Tracing cannot run here; ``reason`` says why (for the daemon's message and the records)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 def parse_kernel_version(release: str) -> tuple[int, int]:
     """(major, minor) of a ``uname -r`` string such as ``6.18.44-fc``; (0, 0) when unreadable."""
     m = re.match(r"(\d+)\.(\d+)", release)
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
-
-
-def _write(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-
-
-def remove_stale_instances(root: Path, log: Any) -> list[str]:
-    """Remove ``instances/lmkd-py-<pid>[-…]`` whose process is gone. Returns the names removed."""
-    removed: list[str] = []
-    try:
-        entries = list((root / "instances").iterdir())
-    except OSError:
-        return removed
-    for entry in entries:
-        m = _STALE_RE.fullmatch(entry.name)
-        if m is None or Path(f"/proc/{m.group(1)}").exists():
-            continue
-        try:
-            entry.rmdir()
-        except OSError as exc:
-            log.warning("tracing.stale_instance_kept", instance=entry.name, error=str(exc))
-            continue
-        log.info("tracing.stale_instance_removed", instance=entry.name)
-        removed.append(entry.name)
-    return removed
 
 
 class TracefsTracer:
@@ -130,18 +84,9 @@ class TracefsTracer:
         self.log = log if log is not None else structlog.get_logger()
         self.root = root
         self.name = name or f"{INSTANCE_PREFIX}{os.getpid()}"
-        self.path = root / "instances" / self.name
         self.kernel_version = kernel_version or parse_kernel_version(os.uname().release)
-        self.enabled: frozenset[str] = frozenset()
-        self.setup_notes: list[str] = []
         self.last_before_kill_ns: int | None = None  # cost of the last call, for benchmarks
         self.last_after_kill_ns: int | None = None
-        self._formats: dict[int, EventFormat] = {}
-        self._layout = PageLayout()
-        self._subbuf_bytes = os.sysconf("SC_PAGE_SIZE")
-        self._cpus: list[Path] = []
-        self._lost: dict[str, int] = {}  # per CPU: events dropped or overwritten so far
-        self._noisy: list[Path] = []
         self._window: KillWindow | None = None
         self._window_notes: list[str] = []
         # Filters are cleared off the kill path by one worker thread; ``_clean`` is set when no
@@ -155,66 +100,31 @@ class TracefsTracer:
         self._closed = False
         self._removed = False
         remove_stale_instances(root, self.log)
-        try:
-            self.path.mkdir()
-        except FileExistsError:
-            raise TracingUnavailable(f"tracefs instance {self.path} already exists (another tracer?)") from None
-        except OSError as exc:
-            raise TracingUnavailable(f"cannot create tracefs instance {self.path}: {exc.strerror}") from None
-        atexit.register(self.close)  # the belt: removed on normal interpreter exit too
-        try:
-            self._setup(buffer_kib_per_cpu)
-        except (OSError, FormatError) as exc:
-            self.close()
-            raise TracingUnavailable(f"cannot set up tracefs instance {self.path}: {exc}") from None
-        except TracingUnavailable:
-            self.close()
-            raise
+        ncpu = os.cpu_count() or 1
+        self._raw = RawInstance(
+            root, self.name, EVENTS, filters=_STATIC_FILTERS,
+            buffer_kib_per_cpu=buffer_kib_per_cpu or max(256, min(2048, 16384 // ncpu)),
+            # Keep the start of a kill window when a buffer fills: the SIGKILL and the first
+            # frees matter more than the last ones, and the loss is noted either way.
+            overwrite=False,
+            wake_on_any=False,
+            tracing_on=False,  # on only inside a kill window (before_kill .. after_kill)
+            hold_pipes=False,  # no file of it open between kills: whoever removes it may
+            note_prefix="",
+        )  # removes what it made and raises TracingUnavailable when it cannot be set up
+        atexit.register(self.close)
+        self.path = self._raw.path
+        self.enabled = self._raw.enabled
+        self.setup_notes: list[str] = list(self._raw.notes)
+        self._noisy: list[Path] = [
+            self.path / "events" / n.replace(":", "/") / "filter" for n in _NOISY if n in self.enabled
+        ]
         if proc_connector:
             try:
                 self._proc = ProcConnector(self.kernel_version)
             except OSError as exc:
                 self.setup_notes.append(f"proc_exit_ns: proc connector unavailable ({exc.strerror or exc})")
         self.log.info("tracing.opened", instance=str(self.path), events=len(self.enabled), proc=bool(self._proc))
-
-    def _setup(self, buffer_kib_per_cpu: int | None) -> None:
-        p = self.path
-        _write(p / "tracing_on", "0")
-        if "mono" not in (p / "trace_clock").read_text().replace("[", " ").replace("]", " ").split():
-            raise TracingUnavailable("tracefs offers no 'mono' trace clock")
-        _write(p / "trace_clock", "mono")
-        ncpu = os.cpu_count() or 1
-        kib = buffer_kib_per_cpu or max(256, min(2048, 16384 // ncpu))
-        _write(p / "buffer_size_kb", str(kib))
-        if (p / "options/overwrite").exists():
-            # Keep the start of a kill window when a buffer fills: the SIGKILL and the first
-            # frees matter more than the last ones, and the loss is noted either way.
-            _write(p / "options/overwrite", "0")
-        enabled = set()
-        for system, event in EVENTS:
-            d = p / "events" / system / event
-            try:
-                fmt = parse_event_format(system, (d / "format").read_text())
-                _write(d / "enable", "1")
-            except (OSError, FormatError) as exc:
-                self.setup_notes.append(f"event {system}:{event} not traced ({exc})")
-                continue
-            self._formats[fmt.event_id] = fmt
-            enabled.add(fmt.name)
-        if not enabled:
-            raise TracingUnavailable("none of the kill timeline's trace events exist on this kernel")
-        self.enabled = frozenset(enabled)
-        for rel, text in _STATIC_FILTERS.items():
-            if (p / rel).exists():
-                _write(p / rel, text)
-        self._noisy = [p / "events" / n.replace(":", "/") / "filter" for n in _NOISY if n in enabled]
-        self._layout = parse_header_page((p / "events/header_page").read_text())
-        if (p / "buffer_subbuf_size_kb").exists():
-            self._subbuf_bytes = int((p / "buffer_subbuf_size_kb").read_text()) * 1024
-        self._cpus = sorted(
-            (c for c in (p / "per_cpu").iterdir() if c.name.startswith("cpu")), key=lambda c: int(c.name[3:])
-        )
-        self._lost_events([])
 
     def _warn_once(self, event: str, **kw: object) -> None:
         if not self._warned:
@@ -233,7 +143,7 @@ class TracefsTracer:
                 return
             for path in paths:
                 try:
-                    _write(path, "0")
+                    write_control(path, "0")
                 except OSError as exc:
                     self.log.debug("tracing.filter_clear_failed", path=str(path), error=str(exc))
             self._clean.set()
@@ -267,7 +177,7 @@ class TracefsTracer:
         flt = pid_filter(tids | {reaper_tid})
         for path in self._noisy:
             try:
-                _write(path, flt)
+                write_control(path, flt)
             except OSError as exc:
                 notes.append(f"filter of {path.parent.name} not set ({exc.strerror}); its events may be missing")
         if self._proc is not None:
@@ -277,7 +187,7 @@ class TracefsTracer:
                 notes.append(f"proc connector listen failed ({exc.strerror})")
         start_ns = time.monotonic_ns()
         try:
-            _write(self.path / "tracing_on", "1")
+            write_control(self.path / "tracing_on", "1")
         except OSError as exc:
             notes.append(f"tracing_on could not be set ({exc.strerror})")
             self._warn_once("tracing.kill_window_failed", instance=str(self.path), error=str(exc))
@@ -288,48 +198,8 @@ class TracefsTracer:
     def _lost_events(self, notes: list[str]) -> None:
         """Note events the kernel could not store since the last look. With ``overwrite`` = 0 a full
         buffer drops new events and counts them only in ``per_cpu/cpuN/stats``, not in the pages."""
-        for cpu_dir in self._cpus:
-            try:
-                stats = parse_cpu_stats((cpu_dir / "stats").read_text())
-            except OSError:
-                continue
-            lost = stats.get("dropped events", 0) + stats.get("overrun", 0)
-            before = self._lost.get(cpu_dir.name, lost)
-            if lost > before:
-                notes.append(f"{cpu_dir.name}: trace buffer full, {lost - before} events lost")
-            self._lost[cpu_dir.name] = lost
-
-    def _read_events(self, notes: list[str]) -> list[TraceEvent]:
-        """Drain every CPU's buffer (consuming it). Raises OSError when the instance is unreadable."""
-        events: list[TraceEvent] = []
-        for cpu_dir in self._cpus:
-            cpu = int(cpu_dir.name[3:])
-            try:
-                fd = os.open(cpu_dir / "trace_pipe_raw", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            except OSError as exc:
-                if exc.errno == errno.ENODEV:  # an offline CPU
-                    continue
-                raise
-            try:
-                while True:
-                    try:
-                        data = os.read(fd, self._subbuf_bytes)
-                    except BlockingIOError:
-                        break
-                    if not data:
-                        break
-                    try:
-                        page = parse_subbuffer(data, cpu, self._layout, self._formats)
-                    except FormatError as exc:
-                        notes.append(f"cpu{cpu}: undecodable sub-buffer skipped ({exc})")
-                        continue
-                    if page.missed_events:
-                        lost = "some" if page.missed_count is None else str(page.missed_count)
-                        notes.append(f"cpu{cpu}: trace buffer lost {lost} events (buffer full)")
-                    events.extend(page.events)
-            finally:
-                os.close(fd)
-        return events
+        for cpu, n in self._raw.lost_counts().items():
+            notes.append(f"cpu{cpu}: trace buffer full, {n} events lost")
 
     def after_kill(
         self, victim_pid: int, reaper_tid: int, rss_before_kib: int | None, mrelease_wall_ns: int | None
@@ -344,8 +214,8 @@ class TracefsTracer:
         notes = [*self.setup_notes, *self._window_notes]
         source = "tracefs+proc_connector" if self._proc is not None else "tracefs"
         try:
-            _write(self.path / "tracing_on", "0")
-            events = self._read_events(notes)
+            write_control(self.path / "tracing_on", "0")
+            events = self._raw.read_events(notes)
             self._lost_events(notes)
         except OSError as exc:
             self._warn_once("tracing.read_failed", instance=str(self.path), error=str(exc))
@@ -407,24 +277,17 @@ class TracefsTracer:
         if not self._closed:
             self._closed = True
             with contextlib.suppress(OSError):  # the instance may be gone already; rmdir settles it
-                _write(self.path / "tracing_on", "0")
+                write_control(self.path / "tracing_on", "0")
             if self._proc is not None:
                 self._proc.close()
             if self._worker is not None:
                 self._jobs.put(None)
         if self._worker is not None:
             self._worker.join(5.0)
-        for attempt in range(5):
-            try:
-                self.path.rmdir()
-                break
-            except FileNotFoundError:
-                break
-            except OSError as exc:
-                if exc.errno != errno.EBUSY or attempt == 4:
-                    self.log.warning("tracing.instance_left", instance=str(self.path), error=str(exc))
-                    return
-                time.sleep(0.02)
+        why = self._raw.close()
+        if why is not None:
+            self.log.warning("tracing.instance_left", instance=str(self.path), error=why)
+            return
         self._removed = True
         atexit.unregister(self.close)
         self.log.debug("tracing.closed", instance=str(self.path))
