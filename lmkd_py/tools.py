@@ -53,7 +53,7 @@ def summary(record: KillRecord) -> str:
             + (f" ({m.errno_name})" if m.errno_name else "")
             + f", wall {ms(m.wall_ns)}, reaper cpu {ms(m.thread_cpu_ns)}",
             f"  kill -> exit {ms(record.kill_to_exit_ns)}, kill -> memory back {ms(record.kill_to_mem_recovered_ns)}"
-            f" (MemAvailable +{mib(record.mem_recovered_kib)})",
+            f" (free memory +{mib(record.mem_recovered_kib)})",
         ]
         k = record.kernel
         if k is not None and k.unavailable_reason is None:
