@@ -80,6 +80,18 @@ class PressureConfig(_Frozen):
     )
     poll_interval_ms: int = Field(default=1000, ge=10, le=60_000, description="polling fallback period (ms)")
     levels: tuple[Level, ...] = Field(default_factory=_default_levels, min_length=1)
+    mem_floor_pct: float | None = Field(
+        default=5.0,
+        ge=0.1,
+        le=50.0,
+        description="also act when free memory (MemAvailable + per-CPU free lists) falls below this % of "
+        "MemTotal: without swap or page cache, memory runs out before PSI stalls build up and the kernel OOM "
+        "killer would act first. Checked every second, every 100 ms when within 4x of the floor. None: off. "
+        "System-wide, so not used with pressure.cgroup",
+    )
+    mem_floor_min_oom_score_adj: int = Field(
+        default=0, ge=-999, le=1000, description="lowest oom_score_adj the memory floor may kill"
+    )
 
     @field_validator("levels")
     @classmethod

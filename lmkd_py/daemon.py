@@ -188,7 +188,8 @@ class Daemon:
             self.stats.no_candidate += 1
             log.warning("kill.no_candidate", psi_level=event.level.name, min_adj=min_adj, table=len(self.table))
             return
-        if self.cfg.kill.recheck_pressure and self._recovered(event, psi):
+        # A memory-floor event is not a stall: the PSI re-check does not apply to it.
+        if self.cfg.kill.recheck_pressure and event.mechanism != "mem_floor" and self._recovered(event, psi):
             self.stats.skipped_recovered += 1
             log.info("kill.skipped", reason="pressure gone while selecting the victim", psi_level=event.level.name)
             return

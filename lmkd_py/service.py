@@ -21,12 +21,12 @@ import structlog
 from lmkd_py import log as logsetup
 from lmkd_py import provenance
 from lmkd_py.candidates import CandidateTable, cgroup_v2_relpath
-from lmkd_py.config import Config, ConfigError, load_config
+from lmkd_py.config import Config, ConfigError, Level, load_config
 from lmkd_py.daemon import Daemon, Notifier, Sink
 from lmkd_py.killer import Killer, KillOptions
 from lmkd_py.policy import Rules
-from lmkd_py.procfs import ProcFs
-from lmkd_py.psi import PressureSource, open_source, pressure_file
+from lmkd_py.procfs import ProcFs, ProcParseError
+from lmkd_py.psi import MemFloorSource, PressureSource, open_source, pressure_file
 from lmkd_py.records import RecordWriter
 from lmkd_py.syscalls import LinuxSyscalls
 
@@ -71,13 +71,25 @@ class Assembly:
         return Rules.from_config(cfg.policy, self_pids={os.getpid()}, scope_cgroup=self.scope(cfg)[1])
 
     def source(self, cfg: Config) -> PressureSource:
-        return open_source(
-            cfg.pressure.source,
-            pressure_file(cfg.pressure.cgroup),
-            cfg.pressure.levels,
-            cfg.pressure.poll_interval_ms * 1_000_000,
-            wake_fd=self.wake_fd,
-        )
+        p = cfg.pressure
+        src = open_source(p.source, pressure_file(p.cgroup), p.levels, p.poll_interval_ms * 1_000_000,
+                          wake_fd=self.wake_fd)
+        if p.mem_floor_pct is None or p.cgroup is not None:
+            return src
+        level = Level(name="mem_floor", stall="some", threshold_us=1, window_us=2_000_000,
+                      min_oom_score_adj=p.mem_floor_min_oom_score_adj)
+        return MemFloorSource(src, self.free_memory, p.mem_floor_pct, level)
+
+    def free_memory(self) -> tuple[int, int] | None:
+        """(MemAvailable + per-CPU free lists, MemTotal) in KiB, or None when unreadable."""
+        try:
+            info = self.proc.meminfo()
+            avail, total = info.get("MemAvailable"), info.get("MemTotal")
+            if avail is None or total is None:
+                return None
+            return avail + self.proc.pcp_free_kib(), total
+        except (OSError, ProcParseError):
+            return None
 
     @staticmethod
     def writer(cfg: Config) -> RecordWriter:

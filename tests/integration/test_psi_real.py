@@ -64,3 +64,27 @@ def test_unwritable_psi_file_falls_back_to_polling(tmp_path: Path) -> None:
         open_source("trigger", ro, [ONE_SECOND], 1_000_000_000)
     with pytest.raises(FileNotFoundError, match="no PSI file"):
         open_source("auto", tmp_path / "missing", [ONE_SECOND], 1_000_000_000)
+
+
+def test_service_wraps_the_system_source_with_the_memory_floor() -> None:
+    from lmkd_py.config import Config, PressureConfig
+    from lmkd_py.procfs import ProcFs
+    from lmkd_py.psi import MemFloorSource
+    from lmkd_py.service import Assembly
+
+    asm = Assembly(ProcFs(), None)
+    src = asm.source(Config())
+    try:
+        assert isinstance(src, MemFloorSource) and "floor 5 %" in src.description
+        free, total = asm.free_memory() or (0, 0)
+        assert 0 < free <= total
+        if free < total * 0.05:
+            pytest.skip("this machine is below its own 5 % memory floor right now")
+        assert src.check(0) == []
+    finally:
+        src.close()
+    off = asm.source(Config(pressure=PressureConfig(mem_floor_pct=None)))
+    try:
+        assert not isinstance(off, MemFloorSource)
+    finally:
+        off.close()

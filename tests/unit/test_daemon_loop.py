@@ -288,3 +288,12 @@ def test_lost_source_that_cannot_reopen_is_retried() -> None:
     d.source._due = clock.t  # type: ignore[attr-defined]  # the retry period has passed
     d.iterate(0)
     assert calls == [1, 1] and d.source is src
+
+
+def test_memory_floor_event_kills_even_without_stall() -> None:
+    quiet = Psi(PsiLine(0.0, 0, 0, 777), PsiLine(0.0, 0, 0, 5))
+    d, (clock, _src, _t, killer, sink) = make(psi_seq=[quiet, quiet])
+    floor = Level(name="mem_floor", stall="some", threshold_us=1, window_us=2_000_000, min_oom_score_adj=0)
+    d.handle([PressureEvent(floor, clock.t, "mem_floor", "free 900000 KiB < 1048576 KiB")])
+    assert killer.killed == [11]  # the PSI re-check would have skipped it: no stall at all
+    assert sink.records[0].pressure is not None and sink.records[0].pressure.mechanism == "mem_floor"
