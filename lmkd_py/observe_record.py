@@ -38,7 +38,7 @@ from lmkd_py.records import (
     Victim,
     errno_name,
 )
-from lmkd_py.tracing_timeline import EXIT_TRACEPOINT_BEFORE_EXIT_MM
+from lmkd_py.tracing_timeline import exit_mmap_span
 
 
 def parse_pidfd_fdinfo(text: str) -> int | None:
@@ -168,16 +168,10 @@ def _timeline(
     elif mr_work is not None and r_start is not None:
         notes.append("both process_mrelease and the oom_reaper worked on this victim: reaper_work_ns is the former")
     mmap_ev = k.exit_mmap
-    exit_mmap_ns = None
-    if mmap_ev is not None:
-        if kernel_version >= EXIT_TRACEPOINT_BEFORE_EXIT_MM:
-            start = k.exit_ns.get(mmap_ev.pid, exit_start)
-        else:
-            start = k.deliver_ns.get(mmap_ev.pid, deliver)
-            notes.append(
-                "exit_mmap_ns measured from signal_deliver: before 6.16 sched_process_exit fires after exit_mm"
-            )
-        exit_mmap_ns = mmap_ev.ts_ns - start if start is not None else None
+    _start, exit_mmap_ns = exit_mmap_span(
+        kernel_version, mmap_ev.pid if mmap_ev else None, mmap_ev.ts_ns if mmap_ev else None,
+        k.exit_ns, exit_start, k.deliver_ns, deliver, notes,
+    )
     reap_total = None
     if exit_mmap_ns is not None and reaper_work is not None:
         reap_total = exit_mmap_ns + reaper_work

@@ -19,7 +19,7 @@ exact to about one counter batch (32 pages per CPU); totals telescope and stay e
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from lmkd_py.records import KernelTimeline
@@ -80,6 +80,31 @@ def pid_filter(tids: Iterable[int], max_len: int = 3800) -> str:
     if len(text) > max_len:
         text = f"common_pid >= {ids[0]} && common_pid <= {ids[-1]}"
     return text
+
+
+def exit_mmap_span(
+    kernel_version: tuple[int, int],
+    tid: int | None,
+    end_ns: int | None,
+    exit_by_tid: Mapping[int, int],
+    exit_start_ns: int | None,
+    deliver_by_tid: Mapping[int, int],
+    deliver_ns: int | None,
+    notes: list[str],
+) -> tuple[int | None, int | None]:
+    """(start, duration) in ns of the victim's exit_mmap, ending at ``end_ns`` in task ``tid``.
+
+    Version-aware: since 6.16 (commit 3e816361e94a) sched_process_exit fires before exit_mm, so it starts
+    the span; before, it fires after exit_mm and the span starts at the SIGKILL delivery instead (noted).
+    The task's own event is preferred; the process-wide one otherwise."""
+    if end_ns is None or tid is None:
+        return None, None
+    if kernel_version >= EXIT_TRACEPOINT_BEFORE_EXIT_MM:
+        start = exit_by_tid.get(tid, exit_start_ns)
+    else:
+        start = deliver_by_tid.get(tid, deliver_ns)
+        notes.append("exit_mmap_ns measured from signal_deliver: before 6.16 sched_process_exit fires after exit_mm")
+    return start, (end_ns - start if start is not None else None)
 
 
 def _first(events: Iterable[TraceEvent]) -> TraceEvent | None:
@@ -279,16 +304,10 @@ def build_timeline(
 
     # --- derived ------------------------------------------------------------------------------
     reaper_work = mr_exit.ts_ns - mr_enter.ts_ns if mr_enter and mr_exit else None
-    exit_mmap_start: int | None = None
-    if exit_mmap is not None:
-        if kernel_version >= EXIT_TRACEPOINT_BEFORE_EXIT_MM:
-            exit_mmap_start = exit_by_tid.get(exit_mmap.pid, exit_start_ns)
-        else:
-            exit_mmap_start = deliver_by_tid.get(exit_mmap.pid, deliver_ns)
-            out_notes.append(
-                "exit_mmap_ns measured from signal_deliver: before 6.16 sched_process_exit fires after exit_mm"
-            )
-    exit_mmap_ns = exit_mmap.ts_ns - exit_mmap_start if exit_mmap and exit_mmap_start is not None else None
+    exit_mmap_start, exit_mmap_ns = exit_mmap_span(
+        kernel_version, exit_mmap.pid if exit_mmap else None, exit_mmap.ts_ns if exit_mmap else None,
+        exit_by_tid, exit_start_ns, deliver_by_tid, deliver_ns, out_notes,
+    )
     reap_total = None
     if exit_mmap_ns is not None and reaper_work is not None:
         reap_total = exit_mmap_ns + reaper_work
