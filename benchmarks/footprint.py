@@ -66,9 +66,10 @@ def main() -> None:
             startup = time.monotonic() - t0
             time.sleep(1.0)
             c0, w0 = cpu_ticks(p.pid), time.monotonic()
-            rss = []
+            rss, anon = [], []
             while time.monotonic() - w0 < args.idle:
                 rss.append(status_kib(p.pid, "VmRSS"))
+                anon.append(status_kib(p.pid, "RssAnon"))
                 time.sleep(1.0)
             cpu_s = (cpu_ticks(p.pid) - c0) / TICK
             wall = time.monotonic() - w0
@@ -81,6 +82,8 @@ def main() -> None:
     print(f"  start-up to daemon.ready: {startup * 1000:.0f} ms")
     print(f"  steady RSS: median {sorted(rss)[len(rss) // 2] / 1024:.1f} MiB, max {max(rss) / 1024:.1f} MiB "
           f"(target <= 24 MiB); locked {lck / 1024:.1f} MiB")
+    print(f"    of which private anonymous (RssAnon): median {sorted(anon)[len(anon) // 2] / 1024:.1f} MiB; the rest "
+          f"is file pages of the interpreter and libraries")
     print(f"  idle CPU over {wall:.0f} s: {cpu_s:.2f} s = {100 * cpu_s / wall:.3f} %")
     bare, pr2 = import_rss(None), import_rss("pyroute2")
     if bare is not None and pr2 is not None:
