@@ -15,47 +15,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
+
+from _victims import med, one_kill  # benchmarks/ is on sys.path when run as a script
 
 from lmkd_py import log as logsetup
 from lmkd_py.killer import Killer, KillOptions
 from lmkd_py.records import KillRecord, Outcome
 from lmkd_py.syscalls import LinuxSyscalls
 
-VICTIM = """
-import os, sys, time
-if len(sys.argv) > 2:
-    os.sched_setaffinity(0, {int(sys.argv[2])})
-    os.nice(19)
-size = int(sys.argv[1]) << 20
-b = bytearray(size)
-for i in range(0, size, 4096):
-    b[i] = 1
-print("ready", flush=True)
-time.sleep(3600)
-"""
-
-
 HOG = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True:\n    pass\n"
-
-
-def one_kill(killer: Killer, size_mib: int, cpu: int | None) -> KillRecord:
-    extra = [str(cpu)] if cpu is not None else []
-    p = subprocess.Popen([sys.executable, "-c", VICTIM, str(size_mib), *extra], stdout=subprocess.PIPE, text=True)
-    try:
-        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
-        return killer.kill(killer.snapshot(p.pid))
-    finally:
-        if p.poll() is None:
-            p.kill()
-        p.wait()
-
-
-def med_ms(values: list[int | None]) -> float | None:
-    got = [v for v in values if v is not None]
-    return statistics.median(got) / 1e6 if got else None
 
 
 def main() -> None:
@@ -91,17 +61,17 @@ def main() -> None:
     where = f", victims starved on CPU {cpu} (nice 19 vs a busy nice-0 hog)" if cpu is not None else ", idle machine"
     print(f"kill path, {args.kills} x {args.size_mib} MiB anonymous victims per mode, alternating{where}")
     print(f"{'mode':<10} {'n':>3} {'kill->exit ms':>14} {'kill->mem back ms':>18} {'mrelease wall ms':>17}")
-    med: dict[str, tuple[float | None, float | None]] = {}
+    medians: dict[str, tuple[float | None, float | None]] = {}
     for mode, recs in results.items():
-        e = med_ms([r.kill_to_exit_ns for r in recs])
-        m = med_ms([r.kill_to_mem_recovered_ns for r in recs])
-        w = med_ms([r.mrelease.wall_ns for r in recs])
+        e = med([r.kill_to_exit_ns for r in recs])
+        m = med([r.kill_to_mem_recovered_ns for r in recs])
+        w = med([r.mrelease.wall_ns for r in recs])
         esrch = sum(1 for r in recs if r.mrelease.errno_name == "ESRCH")
-        med[mode] = (e, m)
+        medians[mode] = (e, m)
         print(f"{mode:<10} {len(recs):>3} {_f(e):>14} {_f(m):>18} {_f(w):>17}"
               + (f"   (ESRCH: victim was faster in {esrch})" if mode == "mrelease" else ""))
     for idx, name in enumerate(("kill->exit", "kill->mem back")):
-        a, b = med["mrelease"][idx], med["kill-only"][idx]
+        a, b = medians["mrelease"][idx], medians["kill-only"][idx]
         if a and b:
             print(f"ratio mrelease / kill-only, median {name}: {a / b:.2f}")
 

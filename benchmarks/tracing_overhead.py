@@ -18,22 +18,15 @@ import argparse
 import statistics
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+
+from _victims import med, one_kill  # benchmarks/ is on sys.path when run as a script
 
 from lmkd_py import log as logsetup
 from lmkd_py.killer import Killer
 from lmkd_py.records import KillRecord, Outcome
 from lmkd_py.syscalls import LinuxSyscalls
 from lmkd_py.tracing import TracefsTracer, TracingUnavailable, open_tracer
-
-VICTIM = """
-import sys, time
-size = int(sys.argv[1]) << 20
-b = bytearray(size)
-b[::4096] = b"\\1" * len(range(0, size, 4096))  # one write per page, in C
-print("ready", flush=True)
-time.sleep(3600)
-"""
 
 FAULTER = """
 import mmap, sys, time
@@ -51,22 +44,6 @@ for _ in range(int(sys.argv[2])):
     m.close()
 print(best)
 """
-
-
-def one_kill(killer: Killer, size_mib: int) -> KillRecord:
-    p = subprocess.Popen([sys.executable, "-c", VICTIM, str(size_mib)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
-        return killer.kill(killer.snapshot(p.pid))
-    finally:
-        if p.poll() is None:
-            p.kill()
-        p.wait()
-
-
-def med(values: Sequence[float | int | None], scale: float = 1e6) -> float | None:
-    got = [v for v in values if v is not None]
-    return statistics.median(got) / scale if got else None
 
 
 def fmt(v: float | None, digits: int = 2) -> str:
