@@ -101,3 +101,27 @@ def nobody_python() -> Iterator[tuple[list[str], dict[str, str]]]:
 
 
 SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def our_tracefs_instances(root: Path) -> set[str]:
+    """lmkd-py tracefs instances of this test process or of a process that is gone. Instances of other
+    live processes (another lmkd-py running on this machine) are theirs: never touched."""
+    import re
+
+    out = set()
+    for p in (root / "instances").iterdir():
+        m = re.fullmatch(r"lmkd-py-(\d+)(?:-.*)?", p.name)
+        if m and (int(m.group(1)) == os.getpid() or not Path(f"/proc/{m.group(1)}").exists()):
+            out.add(p.name)
+    return out
+
+
+def check_no_instance_left(root: Path) -> Iterator[None]:
+    """Body of an autouse fixture: fails a test that leaves an lmkd-py instance behind, and removes it
+    so the machine stays clean even then."""
+    before = our_tracefs_instances(root)
+    yield
+    left = our_tracefs_instances(root) - before
+    for name in left:
+        (root / "instances" / name).rmdir()
+    assert not left, f"tracefs instances left behind: {left}"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import select
 import signal
 import subprocess
@@ -34,7 +33,7 @@ from lmkd_py.observe import run_observe
 from lmkd_py.records import KillRecord, ListSink, MreleaseStatus, Outcome, read_records
 from lmkd_py.stress import PressureCgroup
 from lmkd_py.tracing import DEFAULT_ROOTS
-from tests.conftest import Children, needs_root
+from tests.conftest import Children, check_no_instance_left, needs_root
 
 pytestmark = [needs_root, pytest.mark.root]
 
@@ -63,24 +62,9 @@ def tracefs() -> Iterator[Path]:
             subprocess.run(["umount", str(root)], capture_output=True)
 
 
-def _ours(root: Path) -> set[str]:
-    """lmkd-py instances of this process or of a process that is gone (never another live one's)."""
-    out = set()
-    for p in (root / "instances").iterdir():
-        m = re.fullmatch(r"lmkd-py-(\d+)(?:-.*)?", p.name)
-        if m and (int(m.group(1)) == os.getpid() or not Path(f"/proc/{m.group(1)}").exists()):
-            out.add(p.name)
-    return out
-
-
 @pytest.fixture(autouse=True)
 def no_instance_left(tracefs: Path) -> Iterator[None]:
-    before = _ours(tracefs)
-    yield
-    left = _ours(tracefs) - before
-    for name in left:  # leave the machine clean even when the assertion below fails
-        (tracefs / "instances" / name).rmdir()
-    assert not left, f"tracefs instances left behind: {left}"
+    yield from check_no_instance_left(tracefs)
 
 
 # ---------------------------------------------------------------------------------------------------------

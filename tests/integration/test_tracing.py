@@ -36,7 +36,7 @@ from lmkd_py.tracing import (
     parse_kernel_version,
 )
 from lmkd_py.tracing_proc import ProcConnector
-from tests.conftest import Children, needs_root
+from tests.conftest import Children, check_no_instance_left, needs_root
 
 pytestmark = [needs_root, pytest.mark.root]
 
@@ -72,25 +72,9 @@ def tracefs() -> Iterator[Tracefs]:
             subprocess.run(["umount", str(root)], capture_output=True)
 
 
-def _ours(root: Path) -> set[str]:
-    """lmkd-py instances that belong to this test process or to a process that is gone. Instances
-    of other live processes (another lmkd-py running on this machine) are theirs: never touched."""
-    out = set()
-    for p in (root / "instances").iterdir():
-        m = re.fullmatch(r"lmkd-py-(\d+)(?:-.*)?", p.name)
-        if m and (int(m.group(1)) == os.getpid() or not Path(f"/proc/{m.group(1)}").exists()):
-            out.add(p.name)
-    return out
-
-
 @pytest.fixture(autouse=True)
 def no_instance_left(tracefs: Tracefs) -> Iterator[None]:
-    before = _ours(tracefs.root)
-    yield
-    left = _ours(tracefs.root) - before
-    for name in left:  # leave the machine clean even when the assertion below fails
-        (tracefs.root / "instances" / name).rmdir()
-    assert not left, f"tracefs instances left behind: {left}"
+    yield from check_no_instance_left(tracefs.root)
 
 
 def _status_kib(pid: int, key: str) -> int:
