@@ -158,10 +158,6 @@ class ReaperThread:
         job.thread_cpu_ns = time.clock_gettime_ns(time.CLOCK_THREAD_CPUTIME_ID) - cpu0
 
 
-class KillerClosed(RuntimeError):
-    pass
-
-
 class Killer:
     """Makes kills and returns one KillRecord for each attempt. Never raises for a kill that failed:
     the record says what happened. Not thread-safe: one kill at a time (the daemon's rule too)."""

@@ -370,9 +370,3 @@ class ProcFs:
 
     def pressure(self, resource: str = "memory") -> Psi:
         return parse_pressure(self._read(f"{self._root}/pressure/{resource}"))
-
-    def boot_id(self) -> str | None:
-        try:
-            return self._read(f"{self._root}/sys/kernel/random/boot_id").strip()
-        except OSError:
-            return None
