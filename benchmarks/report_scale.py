@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lmkd_py.report_synth import SynthSpec, synthetic_lines
+from lmkd_py.report.synth import SynthSpec, synthetic_lines
 
 
 def _write(path: Path, spec: SynthSpec) -> None:
@@ -39,7 +39,7 @@ def one(n: int, workdir: Path, resamples: int) -> dict[str, float]:
     gen_s = time.perf_counter() - t0
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    from lmkd_py.report_data import load_table
+    from lmkd_py.report.data import load_table
 
     t0 = time.perf_counter()
     table = load_table([a, b])

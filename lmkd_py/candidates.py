@@ -8,7 +8,6 @@ and RSS + swap from ``status``. See design.md, "The decision must not scan".
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -16,39 +15,9 @@ from pathlib import Path
 import structlog
 
 from lmkd_py.policy import OOM_SCORE_ADJ_MIN, Candidate, Choice, Rules, band_prefix, rank_victims
-from lmkd_py.procfs import ProcFs, ProcParseError, cgroup_v2_path
+from lmkd_py.procfs import PAGE_KIB, ProcFs, ProcParseError, cgroup_v2_path, subtree_pids
 
 log = structlog.get_logger("lmkd_py.candidates")
-PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
-
-
-def cgroup_v2_relpath(directory: Path, mounts_text: str) -> str | None:
-    """The cgroup v2 path ("/a/b") of a directory under a cgroup2 mount, from /proc/self/mounts text."""
-    directory = directory.resolve()
-    best: Path | None = None
-    for line in mounts_text.splitlines():
-        parts = line.split()
-        if len(parts) >= 3 and parts[2] == "cgroup2":
-            mnt = Path(parts[1])
-            if (directory == mnt or mnt in directory.parents) and (best is None or len(mnt.parts) > len(best.parts)):
-                best = mnt
-    if best is None:
-        return None
-    rel = directory.relative_to(best).as_posix()
-    return "/" if rel == "." else "/" + rel
-
-
-def subtree_pids(directory: Path) -> set[int]:
-    """Pids in a cgroup v2 directory and all its descendants (cgroup.procs of each)."""
-    pids: set[int] = set()
-    for root, _dirs, files in os.walk(directory):
-        if "cgroup.procs" in files:
-            try:
-                with open(os.path.join(root, "cgroup.procs")) as fh:
-                    pids.update(int(x) for x in fh.read().split())
-            except (OSError, ValueError) as exc:
-                log.debug("candidates.cgroup_read_failed", path=root, reason=str(exc))
-    return pids
 
 
 class CandidateTable:

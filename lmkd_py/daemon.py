@@ -21,6 +21,7 @@ from lmkd_py.policy import Choice
 from lmkd_py.procfs import Psi
 from lmkd_py.psi import PressureEvent, PressureSource, TriggerUnavailable
 from lmkd_py.records import KillRecord, Outcome, Pressure, Victim
+from lmkd_py.sdnotify import Notifier
 
 log = structlog.get_logger("lmkd_py.daemon")
 Clock = Callable[[], int]
@@ -29,20 +30,6 @@ DONE_OUTCOMES = (Outcome.KILLED, Outcome.EXIT_TIMEOUT, Outcome.DRY_RUN)
 
 class Sink(Protocol):
     def write(self, record: KillRecord) -> bool: ...
-
-
-class Notifier(Protocol):
-    watchdog_interval_ns: int | None
-
-    def ready(self, status: str | None = None) -> None: ...
-
-    def status(self, text: str) -> None: ...
-
-    def watchdog(self) -> None: ...
-
-    def reloading(self) -> None: ...
-
-    def stopping(self) -> None: ...
 
 
 @dataclass

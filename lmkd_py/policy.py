@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from lmkd_py.config import NEVER_KILL_ADJ, PolicyConfig
+from lmkd_py.procfs import cgroup_under
 
 OOM_SCORE_ADJ_MIN = -1000  # "never kill" per the kernel's own OOM killer
 
@@ -80,13 +81,6 @@ class Rules:
         )
 
 
-def _under(path: str | None, prefix: str) -> bool:
-    if path is None:
-        return False
-    prefix = prefix.rstrip("/") or "/"
-    return prefix == "/" or path == prefix or path.startswith(prefix + "/")
-
-
 def exclusion(c: Candidate, rules: Rules) -> str | None:
     """Why ``c`` may never be killed, or None when it may."""
     if c.pid == 1:
@@ -97,13 +91,13 @@ def exclusion(c: Candidate, rules: Rules) -> str | None:
         return "lmkd-py itself"
     if c.oom_score_adj <= OOM_SCORE_ADJ_MIN:
         return "oom_score_adj -1000"
-    if rules.scope_cgroup is not None and not _under(c.cgroup, rules.scope_cgroup):
+    if rules.scope_cgroup is not None and not cgroup_under(c.cgroup, rules.scope_cgroup):
         return f"outside scope {rules.scope_cgroup}"
     if any(p.fullmatch(c.comm) for p in rules.protect_comm):
         return "protected comm"
     if any(p.search(c.cmdline) for p in rules.protect_cmdline):
         return "protected cmdline"
-    if any(_under(c.cgroup, p) for p in rules.protect_cgroup):
+    if any(cgroup_under(c.cgroup, p) for p in rules.protect_cgroup):
         return "protected cgroup"
     if c.uid is not None and c.uid in rules.protect_uid:
         return "protected uid"
@@ -116,7 +110,7 @@ def preferred(c: Candidate, rules: Rules) -> bool:
     return (
         any(p.fullmatch(c.comm) for p in rules.prefer_comm)
         or any(p.search(c.cmdline) for p in rules.prefer_cmdline)
-        or any(_under(c.cgroup, p) for p in rules.prefer_cgroup)
+        or any(cgroup_under(c.cgroup, p) for p in rules.prefer_cgroup)
     )
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PF_KTHREAD = 0x00200000  # include/linux/sched.h: task is a kernel thread
+PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
 class ProcParseError(ValueError):
@@ -217,6 +218,45 @@ def cgroup_v2_path(entries: list[CgroupEntry]) -> str | None:
     return None
 
 
+def cgroup_under(path: str | None, prefix: str) -> bool:
+    """Whether cgroup v2 path ``path`` ("/a/b") lies in the subtree of ``prefix`` (itself included).
+    A trailing "/" on the prefix is ignored; "/" holds every path; a None path lies nowhere."""
+    if path is None:
+        return False
+    prefix = prefix.rstrip("/") or "/"
+    return prefix == "/" or path == prefix or path.startswith(prefix + "/")
+
+
+def cgroup_v2_relpath(directory: Path, mounts_text: str) -> str | None:
+    """The cgroup v2 path ("/a/b") of a directory under a cgroup2 mount, from /proc/self/mounts text."""
+    directory = directory.resolve()
+    best: Path | None = None
+    for line in mounts_text.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[2] == "cgroup2":
+            mnt = Path(parts[1])
+            if (directory == mnt or mnt in directory.parents) and (best is None or len(mnt.parts) > len(best.parts)):
+                best = mnt
+    if best is None:
+        return None
+    rel = directory.relative_to(best).as_posix()
+    return "/" if rel == "." else "/" + rel
+
+
+def subtree_pids(directory: Path) -> set[int]:
+    """Pids in a cgroup v2 directory and all its descendants (``cgroup.procs`` of each). A directory
+    that vanishes or cannot be read while walking is skipped: cgroups come and go."""
+    pids: set[int] = set()
+    for root, _dirs, files in os.walk(directory):
+        if "cgroup.procs" in files:
+            try:
+                with open(os.path.join(root, "cgroup.procs")) as fh:
+                    pids.update(int(x) for x in fh.read().split())
+            except (OSError, ValueError):
+                continue
+    return pids
+
+
 def parse_meminfo(text: str) -> dict[str, int]:
     """Parse /proc/meminfo into ``{"MemAvailable": kib, ...}`` (HugePages_* counts are unitless)."""
     out: dict[str, int] = {}
@@ -366,7 +406,17 @@ class ProcFs:
 
     def pcp_free_kib(self) -> int:
         """KiB on the per-CPU free lists (see parse_pcp_pages)."""
-        return parse_pcp_pages(self._read(f"{self._root}/zoneinfo")) * (os.sysconf("SC_PAGE_SIZE") // 1024)
+        return parse_pcp_pages(self._read(f"{self._root}/zoneinfo")) * PAGE_KIB
+
+    def free_memory_kib(self) -> int | None:
+        """Free memory as lmkd-py measures it everywhere (kill, floor, observe): MemAvailable plus the
+        pages on the per-CPU free lists, which MemAvailable misses (360 MiB of them seen on 6.18 after a
+        few kills). None when meminfo has no MemAvailable. Raises OSError or ProcParseError when
+        meminfo or zoneinfo cannot be read."""
+        avail = self.mem_available_kib()
+        if avail is None:
+            return None
+        return avail + self.pcp_free_kib()
 
     def pressure(self, resource: str = "memory") -> Psi:
         return parse_pressure(self._read(f"{self._root}/pressure/{resource}"))

@@ -17,8 +17,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+if TYPE_CHECKING:
+    from lmkd_py.config import Config
 
 SCHEMA_VERSION = 1
 
@@ -156,7 +160,7 @@ class KernelTimeline(_Model):
     notes: list[str] = Field(default_factory=list)
 
 
-class Killer(_Model):
+class KilledBy(_Model):
     """Who killed, in observe mode."""
 
     kind: str  # "kernel_oom", "process"
@@ -189,7 +193,7 @@ class KillRecord(_Model):
     notes: list[str] = Field(default_factory=list)
     pressure: Pressure | None = None
     kernel: KernelTimeline | None = None
-    killer: Killer | None = None
+    killer: KilledBy | None = None
     provenance: Provenance = Field(default_factory=Provenance)
 
 
@@ -284,6 +288,13 @@ class RecordWriter:
                     src.rename(self.path.with_name(f"{self.path.name}.{i + 1}"))
             self.path.rename(self.path.with_name(f"{self.path.name}.1"))
         self.stats.rotations += 1
+
+
+def open_writer(cfg: Config, path: Path | None = None) -> RecordWriter:
+    """The records writer a config asks for, at ``path`` (a CLI's ``--records``) or the config's own
+    path; the one place a writer is made from a config (daemon, observe, ``kill``)."""
+    rc = cfg.records
+    return RecordWriter(path or cfg.records_path(), rc.max_bytes, rc.keep, rc.fsync)
 
 
 class ListSink:

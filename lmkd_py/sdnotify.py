@@ -8,7 +8,7 @@ only the daemon's own process (any of its threads) is listened to.
 
 ``$WATCHDOG_USEC`` (with ``$WATCHDOG_PID``, when the manager sets it) asks for ``WATCHDOG=1`` at least
 once per that many microseconds; sd_watchdog_enabled(3) recommends pinging at half of it, which is what
-:attr:`Notifier.watchdog_interval_ns` gives.
+:attr:`SdNotifier.watchdog_interval_ns` gives.
 
 A notification must never take the daemon down: every send failure is counted, logged at warning the
 first time (with its reason) and at debug afterwards, and swallowed. Without ``$NOTIFY_SOCKET`` every
@@ -21,6 +21,7 @@ import os
 import socket
 import time
 from collections.abc import Mapping
+from typing import Protocol
 
 import structlog
 
@@ -84,7 +85,23 @@ def _clean_value(text: str) -> str:
     return text.replace("\r", " ").replace("\n", " ")
 
 
-class Notifier:
+class Notifier(Protocol):
+    """What the daemon and observe loops tell their service manager (``SdNotifier`` is the real one)."""
+
+    watchdog_interval_ns: int | None
+
+    def ready(self, status: str | None = None) -> None: ...
+
+    def status(self, text: str) -> None: ...
+
+    def watchdog(self) -> None: ...
+
+    def reloading(self) -> None: ...
+
+    def stopping(self) -> None: ...
+
+
+class SdNotifier:
     """Sends sd_notify messages; see the module docstring for the protocol.
 
     Build it with :meth:`from_env` in the daemon; the constructor is for tests and for callers that
@@ -113,7 +130,7 @@ class Notifier:
         self._log = structlog.get_logger()
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Notifier:
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> SdNotifier:
         """Build a notifier from ``$NOTIFY_SOCKET``, ``$WATCHDOG_USEC`` and ``$WATCHDOG_PID``.
 
         An unset ``$NOTIFY_SOCKET`` gives a disabled notifier silently (not run by systemd); a value this

@@ -20,14 +20,15 @@ import structlog
 
 from lmkd_py import log as logsetup
 from lmkd_py import provenance
-from lmkd_py.candidates import CandidateTable, cgroup_v2_relpath
+from lmkd_py.candidates import CandidateTable
 from lmkd_py.config import Config, ConfigError, Level, load_config
-from lmkd_py.daemon import Daemon, Notifier, Sink
+from lmkd_py.daemon import Daemon, Sink
 from lmkd_py.killer import Killer, KillOptions
 from lmkd_py.policy import Rules
-from lmkd_py.procfs import ProcFs, ProcParseError
+from lmkd_py.procfs import ProcFs, ProcParseError, cgroup_v2_relpath
 from lmkd_py.psi import MemFloorSource, PressureSource, open_source, pressure_file
 from lmkd_py.records import RecordWriter
+from lmkd_py.sdnotify import Notifier
 from lmkd_py.syscalls import LinuxSyscalls
 
 log = structlog.get_logger("lmkd_py.service")
@@ -156,7 +157,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         from lmkd_py.observe import serve
 
         return serve(cfg, records=cfg.records.path, duration_s=args.duration, cgroup=cfg.pressure.cgroup)
-    from lmkd_py.sdnotify import Notifier as SdNotifier
+    from lmkd_py.sdnotify import SdNotifier
 
     notifier: Notifier = SdNotifier.from_env()
     if not cfg.dry_run:

@@ -12,7 +12,7 @@ from lmkd_py import provenance
 from lmkd_py.config import ConfigError, json_schema, load_config
 from lmkd_py.killer import Killer, KillOptions
 from lmkd_py.procfs import ProcFs, ProcParseError
-from lmkd_py.records import KillRecord, RecordWriter
+from lmkd_py.records import KillRecord, open_writer
 from lmkd_py.syscalls import LinuxSyscalls, UnsupportedArchitecture
 
 
@@ -111,8 +111,7 @@ def cmd_kill(args: argparse.Namespace) -> int:
         killer.close()
         if tracer is not None:
             tracer.close()
-    writer = RecordWriter(args.records or cfg.records_path(), cfg.records.max_bytes, cfg.records.keep,
-                          cfg.records.fsync)
+    writer = open_writer(cfg, args.records)
     stored = writer.write(record)
     print(record.model_dump_json(indent=2) if args.json else summary(record))
     if not stored:

@@ -32,6 +32,7 @@ import structlog
 import lmkd_py
 from lmkd_py.lab.apt import AptError, DebFile, PrivateApt, sha256_file, verify_cached
 from lmkd_py.lab.image import Entry, gzip_bytes, tree_entries, unresolved_libraries, with_parents, write_newc
+from lmkd_py.lab.protocol import MARKER
 
 PY: Final = "3.13"
 GUEST_PACKAGES: Final = ("busybox-static", f"python{PY}-minimal", f"libpython{PY}-stdlib", "earlyoom")
@@ -43,7 +44,6 @@ LIB_DIRS: Final = ("usr/lib/aarch64-linux-gnu", "usr/lib", "usr/lib/aarch64-linu
 MUST_LINK: Final = (f"usr/bin/python{PY}", "usr/bin/earlyoom")
 STRIP_PREFIXES: Final = ("usr/share/doc/", "usr/share/man/", "usr/share/info/", "usr/share/locale/",
                          "usr/share/lintian/", "usr/share/bug/")
-MARKER: Final = "@LMKDLAB@"
 KEEP_IMAGES: Final = 4  # each lmkd-py source change makes a new ~22 MB image; keep the newest few
 BUILDER_VERSION: Final = 1  # bump when the image layout changes, so cached images are rebuilt
 

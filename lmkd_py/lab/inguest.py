@@ -21,20 +21,10 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
-MARKER: Final = "@LMKDLAB@"
-Emit = Callable[[str, dict[str, Any]], None]
-
-
-def emit_line(kind: str, obj: dict[str, Any], fd: int = 1) -> None:
-    """Write one marker line to ``fd`` in as few writes as the kernel allows (one, for a tty)."""
-    data = f"{MARKER} {kind} {json.dumps(obj, separators=(',', ':'), ensure_ascii=True)}\n".encode()
-    while data:
-        n = os.write(fd, data)
-        data = data[n:]
+from lmkd_py.lab.protocol import Emit, emit_line
 
 
 def _read(path: str) -> str | None:

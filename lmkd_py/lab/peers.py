@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Final
 
-from lmkd_py.lab.inguest import Emit
+from lmkd_py.lab.protocol import Emit
 
 MODES: Final = ("lmkd-py", "earlyoom", "none")
 EPISODE_TIMEOUT_S: Final = 180.0

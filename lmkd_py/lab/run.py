@@ -12,7 +12,6 @@ is killed through that handle and reaped.
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import shutil
@@ -27,8 +26,8 @@ import structlog
 from pydantic import ValidationError
 
 from lmkd_py.lab.guest import GuestImage, job_archive
-from lmkd_py.lab.inguest import MARKER
 from lmkd_py.lab.kernels import Kernel
+from lmkd_py.lab.protocol import parse_marker
 from lmkd_py.records import KillRecord, RecordWriter
 
 QEMU: Final = "qemu-system-aarch64"
@@ -81,22 +80,6 @@ class GuestRun:
             "wall_s": round(self.wall_ns / 1e9, 1), "problems": self.problems,
             "host_load_start": self.host_load_start, "host_load_end": self.host_load_end,
         }
-
-
-def parse_marker(line: str) -> tuple[str, dict[str, Any]] | None:
-    """``(kind, object)`` of a guest marker line, None for any other console line. The marker may
-    follow other text on the line (a console that was mid-line). Raises ValueError for a marker line
-    whose JSON is damaged."""
-    at = line.find(MARKER)
-    if at < 0:
-        return None
-    kind, _, payload = line[at + len(MARKER) :].strip().partition(" ")
-    if not kind:
-        raise ValueError("marker without a kind")
-    obj = json.loads(payload) if payload else {}
-    if not isinstance(obj, dict):
-        raise ValueError(f"{kind}: payload is not a JSON object")
-    return kind, obj
 
 
 def qemu_argv(image: Path, initrd: Path, mem_mib: int, smp: int = 2) -> list[str]:

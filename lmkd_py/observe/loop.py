@@ -7,8 +7,8 @@ unchanged. It is meant to be left on in the field: the cost is the kernel's trac
 write per exit) plus one wake-up of this loop per second; see benchmarks/observe_overhead.py.
 
 Modules: this one runs the loop (``run_observe``) and the command (``cmd_observe``);
-``observe_trace`` owns the two tracefs instances and the proc connector, ``observe_track`` matches events
-to victims, ``observe_record`` builds the records, ``observe_procs`` reads /proc.
+``trace`` owns the two tracefs instances and the proc connector, ``track`` matches events
+to victims, ``record`` builds the records, ``procs`` reads /proc.
 
 The loop, per wake-up (a SIGKILL-related event wakes it at once; otherwise once a second, or every
 ``PENDING_TICK_NS`` while a kill is pending):
@@ -33,6 +33,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
@@ -41,19 +42,15 @@ import structlog
 
 from lmkd_py import log as logsetup
 from lmkd_py import provenance
-from lmkd_py.candidates import cgroup_v2_relpath
 from lmkd_py.config import Config, ConfigError, load_config
-from lmkd_py.daemon import Notifier
-from lmkd_py.observe_procs import MemSampler, WarmTable, read_pidfd_target, read_task_facts, read_victim_facts
-from lmkd_py.observe_record import build_record
-from lmkd_py.observe_trace import ExitListener, ObserveTrace
-from lmkd_py.observe_track import GENERATE, MR_ENTER, ObservedKill, Tracker
-from lmkd_py.procfs import ProcFs
-from lmkd_py.records import KillRecord, RecordWriter
-from lmkd_py.tracing_instance import parse_kernel_version
-from lmkd_py.tracing_proc import ProcExit
-from lmkd_py.tracing_raw import TracingUnavailable
-from lmkd_py.tracing_ringbuf import TraceEvent
+from lmkd_py.observe.procs import MemSampler, WarmTable, read_pidfd_target, read_task_facts, read_victim_facts
+from lmkd_py.observe.record import build_record
+from lmkd_py.observe.trace import ExitListener, ObserveTrace
+from lmkd_py.observe.track import GENERATE, MR_ENTER, ObservedKill, Tracker
+from lmkd_py.procfs import ProcFs, cgroup_v2_relpath
+from lmkd_py.records import KillRecord, open_writer
+from lmkd_py.sdnotify import Notifier
+from lmkd_py.tracing import ProcExit, TraceEvent, TracingUnavailable, find_tracefs, parse_kernel_version
 
 IDLE_TICK_NS = 1_000_000_000  # drain the exit recorder, sample MemAvailable
 PENDING_TICK_NS = 20_000_000
@@ -273,7 +270,7 @@ def run_observe(
     ``wake_fd``: a file descriptor (e.g. a signal wake-up pipe) whose readability makes the loop check
     ``stop`` at once. The tracefs instances are removed on every way out (return, exception, atexit).
     ``trace_mrelease`` False leaves the syscall events off (they slow every syscall on the system a
-    little, see ``observe_trace.MRELEASE_EVENTS``): process_mrelease calls are then not recorded.
+    little, see ``trace.MRELEASE_EVENTS``): process_mrelease calls are then not recorded.
     """
     log = structlog.get_logger("lmkd_py.observe")
     if os.geteuid() != 0:
@@ -281,15 +278,11 @@ def run_observe(
         return 1
     scope: str | None = None
     if cgroup is not None:
-        if not (cgroup / "cgroup.procs").exists():
-            log.error("observe.unavailable", reason=f"{cgroup}: not a cgroup v2 directory (no cgroup.procs)")
+        found = _scope_of(cgroup)
+        if isinstance(found, _Unavailable):
+            log.error("observe.unavailable", reason=found.reason)
             return 1
-        scope = cgroup_v2_relpath(cgroup, Path("/proc/self/mounts").read_text())
-        if scope is None:
-            log.error("observe.unavailable", reason=f"{cgroup}: not under a cgroup2 mount")
-            return 1
-    from lmkd_py.tracing import find_tracefs
-
+        scope = found
     try:
         trace = ObserveTrace(find_tracefs(tracefs_root, log), log, mrelease=trace_mrelease)
     except TracingUnavailable as exc:
@@ -316,44 +309,13 @@ def run_observe(
                  warm_processes=len(obs.warm), scope=scope, proc_connector=listener is not None)
         if notifier is not None:
             notifier.ready("observing SIGKILLs")
-        last_ping = start
         deadline = start + duration_ns if duration_ns is not None else None
-        failures = 0
-        while not stop():
-            now = obs.clock()
-            if deadline is not None and now >= deadline:
-                break
-            timeout = obs.timeout_ms(now)
-            if notifier is not None and notifier.watchdog_interval_ns:
-                timeout = min(timeout, notifier.watchdog_interval_ns // 1_000_000)
-            if deadline is not None:
-                timeout = max(0, min(timeout, (deadline - now) // 1_000_000 + 1))
-            woken = poller.poll(timeout)
-            if wake_fd is not None and any(fd == wake_fd for fd, _ in woken):
-                with contextlib.suppress(OSError):
-                    os.read(wake_fd, 4096)
-            try:
-                obs.step()
-                if not obs.tracker.pending:
-                    obs.housekeeping(obs.clock())
-                failures = 0
-                # Pinged only after a step completes: a stuck loop stops the pings (as the kill loop).
-                wd = notifier.watchdog_interval_ns if notifier is not None else None
-                if notifier is not None and wd and obs.clock() - last_ping >= wd:
-                    notifier.watchdog()
-                    last_ping = obs.clock()
-            except OSError as exc:
-                # tracefs or /proc refusing a read (e.g. the instance removed under us): say so, retry a
-                # few times, then give up rather than spin.
-                failures += 1
-                log.error("observe.step_failed", error=str(exc), failures=failures)
-                if failures >= MAX_STEP_FAILURES:
-                    return 1
-                time.sleep(1.0)
+        if not _observe_until(obs, poller, stop, deadline, wake_fd, notifier, log):
+            return 1
         try:
             obs.step(final=True)
         except OSError as exc:
-            log.error("observe.step_failed", error=str(exc), failures=failures + 1)
+            log.error("observe.step_failed", error=str(exc), failures=1)
         if notifier is not None:
             notifier.stopping()
         log.info("observe.stop", written=obs.written, dropped=obs.dropped, pending=len(obs.tracker.pending),
@@ -363,6 +325,65 @@ def run_observe(
         if listener is not None:
             listener.close()
         trace.close()
+
+
+@dataclass(frozen=True)
+class _Unavailable:
+    reason: str
+
+
+def _scope_of(cgroup: Path) -> str | _Unavailable:
+    """The cgroup v2 path of the directory observe is scoped to, or why it cannot be."""
+    if not (cgroup / "cgroup.procs").exists():
+        return _Unavailable(f"{cgroup}: not a cgroup v2 directory (no cgroup.procs)")
+    scope = cgroup_v2_relpath(cgroup, Path("/proc/self/mounts").read_text())
+    return scope if scope is not None else _Unavailable(f"{cgroup}: not under a cgroup2 mount")
+
+
+def _observe_until(
+    obs: Observer,
+    poller: select.poll,
+    stop: Callable[[], bool],
+    deadline: int | None,
+    wake_fd: int | None,
+    notifier: Notifier | None,
+    log: Any,
+) -> bool:
+    """The loop: wait, step, ping the watchdog. False when reading the trace failed too often."""
+    last_ping = obs.clock()
+    failures = 0
+    while not stop():
+        now = obs.clock()
+        if deadline is not None and now >= deadline:
+            break
+        timeout = obs.timeout_ms(now)
+        if notifier is not None and notifier.watchdog_interval_ns:
+            timeout = min(timeout, notifier.watchdog_interval_ns // 1_000_000)
+        if deadline is not None:
+            timeout = max(0, min(timeout, (deadline - now) // 1_000_000 + 1))
+        woken = poller.poll(timeout)
+        if wake_fd is not None and any(fd == wake_fd for fd, _ in woken):
+            with contextlib.suppress(OSError):
+                os.read(wake_fd, 4096)
+        try:
+            obs.step()
+            if not obs.tracker.pending:
+                obs.housekeeping(obs.clock())
+            failures = 0
+            # Pinged only after a step completes: a stuck loop stops the pings (as the kill loop).
+            wd = notifier.watchdog_interval_ns if notifier is not None else None
+            if notifier is not None and wd and obs.clock() - last_ping >= wd:
+                notifier.watchdog()
+                last_ping = obs.clock()
+        except OSError as exc:
+            # tracefs or /proc refusing a read (e.g. the instance removed under us): say so, retry a
+            # few times, then give up rather than spin.
+            failures += 1
+            log.error("observe.step_failed", error=str(exc), failures=failures)
+            if failures >= MAX_STEP_FAILURES:
+                return False
+            time.sleep(1.0)
+    return True
 
 
 def cmd_observe(args: argparse.Namespace) -> int:
@@ -380,10 +401,9 @@ def cmd_observe(args: argparse.Namespace) -> int:
 def serve(cfg: Config, *, records: Path | None, duration_s: float | None, cgroup: Path | None) -> int:
     """Observe as a process: signals, sd_notify, records file; used by ``lmkd-py observe`` and by the
     daemon when the config says ``mode = "observe"``. Returns run_observe's exit code."""
-    from lmkd_py.sdnotify import Notifier as SdNotifier
+    from lmkd_py.sdnotify import SdNotifier
 
-    path = records or cfg.records_path()
-    writer = RecordWriter(path, cfg.records.max_bytes, cfg.records.keep, cfg.records.fsync)
+    writer = open_writer(cfg, records)
     stopping: list[int] = []
 
     def on_stop(signum: int, _frame: FrameType | None) -> None:

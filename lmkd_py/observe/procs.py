@@ -19,10 +19,9 @@ from pathlib import Path
 
 import structlog
 
-from lmkd_py.candidates import PAGE_KIB, subtree_pids
-from lmkd_py.observe_record import parse_pidfd_fdinfo
-from lmkd_py.observe_track import ProcessFacts
-from lmkd_py.procfs import ProcFs, ProcParseError, cgroup_v2_path
+from lmkd_py.observe.record import parse_pidfd_fdinfo
+from lmkd_py.observe.track import ProcessFacts
+from lmkd_py.procfs import PAGE_KIB, ProcFs, ProcParseError, cgroup_v2_path, subtree_pids
 from lmkd_py.records import Victim
 
 log = structlog.get_logger("lmkd_py.observe")
@@ -167,10 +166,7 @@ class MemSampler:
 
     def read(self) -> int | None:
         try:
-            avail = self.proc.mem_available_kib()
-            if avail is None:
-                return None
-            return avail + self.proc.pcp_free_kib()
+            return self.proc.free_memory_kib()
         except (OSError, ProcParseError) as exc:
             log.debug("observe.meminfo_failed", reason=str(exc))
             return None

@@ -3,14 +3,14 @@
 The record is shaped so that ``report`` and ``compare`` read it unchanged: ``outcome`` = observed,
 ``observed`` = true, ``killer`` says who killed (``kernel_oom``, ``kernel`` for another kernel-sent
 SIGKILL, or ``process`` with its pid and comm), and the derived metrics follow the definitions of
-``tracing_timeline.build_timeline``:
+``timeline.build_timeline``:
 
 - ``reaper_work_ns``: the time inside process_mrelease (sum of the matched calls), or, when nobody called
   it, the kernel oom_reaper's ``finish_task_reaping - start_task_reaping``.
 - ``exit_mmap_ns``: end of the victim's exit_mmap minus the ``sched_process_exit`` of the thread that ran
   it (on 6.16+ that tracepoint fires just before ``exit_mm``; before 6.16 it fires after it, so the start
   is that thread's ``signal_deliver`` instead, and a note says so).
-- ``reap_total_ns``: reaper work + exit_mmap; exit_mmap alone when no reaper ran at all (noted).
+- ``reap_total_ns``: ``tracing.reap_total_ns``, the same definition as for lmkd-py's own kills.
 - ``kill_to_exit_ns``: ``signal_generate`` to the exit: the proc connector's exit of the victim (the
   kernel's analogue of the pidfd turning readable, which is what lmkd-py's own kills measure) or, when
   that was missed, the later of the last ``sched_process_exit`` and the end of exit_mmap (noted).
@@ -25,10 +25,10 @@ import errno
 import uuid
 from datetime import UTC, datetime
 
-from lmkd_py.observe_track import SI_KERNEL, ObservedKill
+from lmkd_py.observe.track import SI_KERNEL, ObservedKill
 from lmkd_py.records import (
     KernelTimeline,
-    Killer,
+    KilledBy,
     KillRecord,
     Mrelease,
     MreleaseStatus,
@@ -38,7 +38,7 @@ from lmkd_py.records import (
     Victim,
     errno_name,
 )
-from lmkd_py.tracing_timeline import exit_mmap_span
+from lmkd_py.tracing import exit_mmap_span, reap_total_ns
 
 
 def parse_pidfd_fdinfo(text: str) -> int | None:
@@ -60,7 +60,7 @@ def _ms(ns: int) -> str:
     return f"{ns / 1e6:.1f} ms"
 
 
-def killer_of(k: ObservedKill) -> tuple[Killer, list[str]]:
+def killer_of(k: ObservedKill) -> tuple[KilledBy, list[str]]:
     """Who killed, and notes on how that was decided."""
     notes: list[str] = []
     gen = k.generate
@@ -70,7 +70,7 @@ def killer_of(k: ObservedKill) -> tuple[Killer, list[str]]:
     if mv is not None and mv.pid == gen.pid and code == SI_KERNEL:
         ctx = k.sender.comm if k.sender is not None else None
         notes.append(f"killer: the kernel OOM killer, running in the context of task {gen.pid} ({ctx})")
-        return Killer(kind="kernel_oom", match=match), notes
+        return KilledBy(kind="kernel_oom", match=match), notes
     if mv is not None:
         notes.append("the kernel OOM killer chose this victim too (mark_victim) after it was signalled")
     if code == SI_KERNEL:
@@ -78,12 +78,12 @@ def killer_of(k: ObservedKill) -> tuple[Killer, list[str]]:
             "killer: a SIGKILL sent by the kernel (SI_KERNEL) with no OOM kill of this task, e.g. the OOM "
             "killer ending another process that shares the victim's mm, or a hard RLIMIT_CPU"
         )
-        return Killer(kind="kernel", match=match), notes
+        return KilledBy(kind="kernel", match=match), notes
     s = k.sender
     if s is None:
         notes.append(f"killer: task {gen.pid} was gone before it could be read; its pid may be a thread id")
-        return Killer(kind="process", pid=gen.pid, match=match), notes
-    return Killer(kind="process", pid=s.tgid, comm=s.comm, match=match), notes
+        return KilledBy(kind="process", pid=gen.pid, match=match), notes
+    return KilledBy(kind="process", pid=s.tgid, comm=s.comm, match=match), notes
 
 
 def _victim(k: ObservedKill, notes: list[str]) -> Victim:
@@ -172,14 +172,10 @@ def _timeline(
         kernel_version, mmap_ev.pid if mmap_ev else None, mmap_ev.ts_ns if mmap_ev else None,
         k.exit_ns, exit_start, k.deliver_ns, deliver, notes,
     )
-    reap_total = None
-    if exit_mmap_ns is not None and reaper_work is not None:
-        reap_total = exit_mmap_ns + reaper_work
-    elif exit_mmap_ns is not None and not k.mrelease and r_start is None and mrelease_traced:
-        reap_total = exit_mmap_ns
-        notes.append("no reaper ran (no process_mrelease, no oom_reaper): reap_total_ns is exit_mmap alone")
-    elif exit_mmap_ns is not None and reaper_work is None:
-        notes.append("reap_total_ns unknown: process_mrelease not traced, so a reaper's share is unknown")
+    reaper_ran: bool | None = True
+    if not k.mrelease and r_start is None:
+        reaper_ran = False if mrelease_traced else None  # untraced calls could have been made
+    reap_total = reap_total_ns(exit_mmap_ns, reaper_work, reaper_ran=reaper_ran, notes=notes)
     proc_exit = max((e.timestamp_ns for e in k.proc_exits.values()), default=None)
     return KernelTimeline(
         source=source,

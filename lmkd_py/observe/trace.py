@@ -20,7 +20,7 @@ fire for *every* process matters more than anything else. The events are split b
   may still matter (``keep_pages``) and drops the rest unread. Only when a SIGKILL is pending are the
   kept pages decoded. benchmarks/observe_overhead.py measures what this costs a fork/exit-heavy load.
 
-Both instances are ``tracing_raw.RawInstance``: ``trace_clock`` = ``mono`` (timestamps comparable with
+Both instances are ``raw.RawInstance``: ``trace_clock`` = ``mono`` (timestamps comparable with
 ``time.monotonic_ns()``), removed by ``close()``, which atexit also runs; a crashed run's instances are
 removed by the next run's ``remove_stale_instances`` (their names carry the dead pid).
 """
@@ -33,9 +33,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lmkd_py.tracing_proc import ProcConnector, ProcExit
-from lmkd_py.tracing_raw import INSTANCE_PREFIX, RawInstance, RawPage, TracingUnavailable, remove_stale_instances
-from lmkd_py.tracing_ringbuf import TraceEvent
+from lmkd_py.tracing import (
+    INSTANCE_PREFIX,
+    ProcConnector,
+    ProcExit,
+    RawInstance,
+    RawPage,
+    TraceEvent,
+    TracingUnavailable,
+    remove_stale_instances,
+)
 
 SIGNAL_EVENTS = (
     ("signal", "signal_generate"),

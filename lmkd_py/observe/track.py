@@ -27,9 +27,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from lmkd_py.procfs import cgroup_under
 from lmkd_py.records import Victim
-from lmkd_py.tracing_proc import ProcExit
-from lmkd_py.tracing_ringbuf import TraceEvent
+from lmkd_py.tracing import ProcExit, TraceEvent
 
 SIGKILL = 9
 SI_KERNEL = 0x80
@@ -132,9 +132,7 @@ def in_scope(cgroup: str | None, scope: str | None) -> bool:
     """Whether a cgroup v2 path ("/a/b") lies in ``scope``'s subtree (None: everything is)."""
     if scope is None:
         return True
-    if cgroup is None:
-        return False
-    return scope == "/" or cgroup == scope or cgroup.startswith(scope.rstrip("/") + "/")
+    return cgroup_under(cgroup, scope)
 
 
 def _int(ev: TraceEvent, name: str) -> int | None:

@@ -1,8 +1,8 @@
 """``lmkd-py report`` and ``lmkd-py compare``: offline summaries and A/B comparison of kill records.
 
 This module is what ``cli.py`` imports, so it imports nothing from the optional ``report`` extra at
-module level: numpy, scipy and matplotlib are loaded inside the commands (through ``report_data``,
-``report_stats``, ``report_render`` and ``report_plots``), and a daemon installed without the extra
+module level: numpy, scipy and matplotlib are loaded inside the commands (through ``data``,
+``stats``, ``render`` and ``plots``), and a daemon installed without the extra
 never needs them.
 
 Both commands return 0 on success and 2 on bad input, with a message naming the file (and line) on
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
-    from lmkd_py.report_data import RecordTable
+    from lmkd_py.report.data import RecordTable
 
 EXTRA_HINT = "install the report extra: pip install 'lmkd-py[report]'"
 FORMATS = ("table", "markdown", "json")
@@ -43,7 +43,7 @@ def missing_extra(plots: bool) -> str | None:
 
 def _load(paths: Sequence[Path]) -> RecordTable:
     from lmkd_py.records import RecordFormatError
-    from lmkd_py.report_data import load_table
+    from lmkd_py.report.data import load_table
 
     if not paths:
         raise _BadInput("no record files given")
@@ -56,7 +56,7 @@ def _load(paths: Sequence[Path]) -> RecordTable:
 
 
 def _problems(problems: Sequence[str], err: TextIO) -> None:
-    from lmkd_py.report_render import PROBLEMS_SHOWN
+    from lmkd_py.report.render import PROBLEMS_SHOWN
 
     if not problems:
         return
@@ -94,16 +94,16 @@ def cmd_report(args: argparse.Namespace, out: TextIO | None = None, err: TextIO 
     except _BadInput as exc:
         print(f"lmkd-py report: {exc}", file=err)
         return 2
-    from lmkd_py.report_render import render_report
-    from lmkd_py.report_stats import report_groups
+    from lmkd_py.report.render import render_report
+    from lmkd_py.report.stats import report_groups
 
     groups = report_groups(table)
     _problems(table.problems, err)
     out.write(render_report(groups, table.problems, fmt))
     if plots is not None:
-        from lmkd_py.report_data import metrics_for
-        from lmkd_py.report_plots import plot_metric
-        from lmkd_py.report_stats import groups as split
+        from lmkd_py.report.data import metrics_for
+        from lmkd_py.report.plots import plot_metric
+        from lmkd_py.report.stats import groups as split
 
         parts = split(table, ("kernel_release", "machine_model"))
         for m in metrics_for(*(t for _, t in parts)):
@@ -113,7 +113,7 @@ def cmd_report(args: argparse.Namespace, out: TextIO | None = None, err: TextIO 
 
 
 def _split_by(args: argparse.Namespace, by: str) -> tuple[RecordTable, RecordTable, str, str]:
-    from lmkd_py.report_stats import groups
+    from lmkd_py.report.stats import groups
 
     category = BY_CATEGORY.get(by)
     if category is None:
@@ -168,8 +168,8 @@ def cmd_compare(args: argparse.Namespace, out: TextIO | None = None, err: TextIO
     except _BadInput as exc:
         print(f"lmkd-py compare: {exc}", file=err)
         return 2
-    from lmkd_py.report_render import render_comparison
-    from lmkd_py.report_stats import BootstrapOptions, compare_tables
+    from lmkd_py.report.render import render_comparison
+    from lmkd_py.report.stats import BootstrapOptions, compare_tables
 
     seed = getattr(args, "seed", None)
     opts = BootstrapOptions(resamples=resamples, seed=0 if seed is None else int(seed))
@@ -177,8 +177,8 @@ def cmd_compare(args: argparse.Namespace, out: TextIO | None = None, err: TextIO
     _problems(problems, err)
     out.write(render_comparison(cmp, problems, fmt))
     if plots is not None:
-        from lmkd_py.report_data import metrics_for
-        from lmkd_py.report_plots import plot_metric
+        from lmkd_py.report.data import metrics_for
+        from lmkd_py.report.plots import plot_metric
 
         for m in metrics_for(a, b):
             plot_metric(plots, m, [(label_a, a.values(m.column) * m.scale), (label_b, b.values(m.column) * m.scale)])

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from lmkd_py.report_data import FloatArray, Metric
+from lmkd_py.report.data import FloatArray, Metric
 
 ECDF_POINTS = 4000  # a set larger than this is drawn through this many quantiles: same curve, small file
 

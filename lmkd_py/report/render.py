@@ -18,7 +18,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from lmkd_py.report_stats import Comparison, GroupReport, Row, Side
+from lmkd_py.report.stats import Comparison, GroupReport, Row, Side
 
 PROBLEMS_SHOWN = 20  # skipped-line notes printed in text output; JSON carries up to 1000
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from lmkd_py.report_data import KIB_PER_GIB, FloatArray, Metric, RecordTable, metrics_for
+from lmkd_py.report.data import KIB_PER_GIB, FloatArray, Metric, RecordTable, metrics_for
 
 SMALL_N = 20  # below this a side gets a warning: CIs and p-values are rough
 SIZE_DIFF_P = 0.05  # KS p-value on victim sizes below which per-GiB rows are added ...

@@ -1,4 +1,4 @@
-"""The program a stress victim or thrasher runs: ``python -I -S stress_child.py CONFIG_JSON``.
+"""The program a stress victim or thrasher runs: ``python -I -S child.py CONFIG_JSON``.
 
 It imports only the standard library (it is started with ``-I -S`` so that any interpreter, even one
 without lmkd-py installed, can run it), and it is the one place outside ``syscalls.py`` that uses ctypes:

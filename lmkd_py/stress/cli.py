@@ -1,8 +1,8 @@
 """``lmkd-py stress``: spawn victims (and optionally a memcg-limited pressure source) that live until killed.
 
-The parts live in ``stress_spec`` (what a victim is, scenarios), ``stress_proc`` (the child processes),
-``stress_cgroup`` (the pressure cgroup) and ``stress_child`` (the program the children run); this module
-re-exports their public names and holds the command.
+The parts live in ``spec`` (what a victim is, scenarios), ``proc`` (the child processes),
+``cgroup`` (the pressure cgroup) and ``child`` (the program the children run); this module
+holds the command; ``lmkd_py.stress`` is the family's public face.
 
 The command prints the victims' pids (one per line, or one JSON object with ``--json``), then holds
 until SIGINT/SIGTERM/SIGHUP or ``--duration`` and removes everything it made on every way out: victims,
@@ -27,43 +27,19 @@ from typing import Any, Final
 import structlog
 
 from lmkd_py import log as logsetup
-from lmkd_py.stress_cgroup import PressureCgroup, parse_oom_control, validate_cgroup_name
-from lmkd_py.stress_proc import (
-    Region,
+from lmkd_py.stress.cgroup import PressureCgroup, validate_cgroup_name
+from lmkd_py.stress.proc import (
     StressChildError,
+    StressVictim,
     Thrasher,
-    Victim,
     spawn_victim,
     start_thrasher,
 )
-from lmkd_py.stress_spec import (
-    KindPlan,
+from lmkd_py.stress.spec import (
     VictimSpec,
-    expected_rss_kib,
-    plan_layout,
     scenario_names,
     scenario_specs,
 )
-
-__all__ = [
-    "SCENARIOS",
-    "KindPlan",
-    "PressureCgroup",
-    "Region",
-    "StressChildError",
-    "StressOptions",
-    "Thrasher",
-    "Victim",
-    "VictimSpec",
-    "cmd_stress",
-    "expected_rss_kib",
-    "options_from_args",
-    "parse_oom_control",
-    "plan_layout",
-    "scenario_specs",
-    "spawn_victim",
-    "start_thrasher",
-]
 
 # The presets at seed 0, for reading; ``scenario_specs(name, seed)`` gives other seeds.
 SCENARIOS: Final[dict[str, list[VictimSpec]]] = {n: scenario_specs(n, 0) for n in scenario_names()}
@@ -207,7 +183,7 @@ def _signals_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def _output(opts: StressOptions, victims: list[Victim], cgroup: PressureCgroup | None,
+def _output(opts: StressOptions, victims: list[StressVictim], cgroup: PressureCgroup | None,
             thrasher: Thrasher | None, workdir: Path) -> str:
     if not opts.json:
         return "".join(f"{v.pid}\n" for v in victims)
@@ -231,12 +207,12 @@ def _output(opts: StressOptions, victims: list[Victim], cgroup: PressureCgroup |
     return json.dumps(doc) + "\n"
 
 
-def _kill_all(victims: list[Victim]) -> None:
+def _kill_all(victims: list[StressVictim]) -> None:
     for v in victims:
         v.kill()
 
 
-def _hold(opts: StressOptions, victims: list[Victim], thrasher: Thrasher | None) -> None:
+def _hold(opts: StressOptions, victims: list[StressVictim], thrasher: Thrasher | None) -> None:
     """Sleep until the duration ends (forever without one), reaping children others killed."""
     log = structlog.get_logger()
     deadline = None if opts.duration_s is None else time.monotonic() + opts.duration_s
@@ -259,7 +235,7 @@ def _run(opts: StressOptions, stack: contextlib.ExitStack) -> None:
             cgroup = stack.enter_context(PressureCgroup(opts.cgroup_name, opts.limit_mib))
     with _signals_blocked():
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lmkd-py-stress-")))
-    victims: list[Victim] = []
+    victims: list[StressVictim] = []
     stack.callback(_kill_all, victims)
     if opts.pressure and opts.limit_mib is not None:
         total_mib = sum(s.size_mib for s in opts.specs)

@@ -1,5 +1,5 @@
-"""Running stress children: ``Victim`` (memory laid out per a ``VictimSpec``) and ``Thrasher`` (a
-file-thrashing pressure source in a ``PressureCgroup``). The child program is ``stress_child.py``.
+"""Running stress children: ``StressVictim`` (memory laid out per a ``VictimSpec``) and ``Thrasher`` (a
+file-thrashing pressure source in a ``PressureCgroup``). The child program is ``child.py``.
 
 Every child is our own ``Popen``: it is signalled through that handle only (``Popen.send_signal``
 checks that the child has not been reaped, so a recycled pid is never hit) and it exits by itself when
@@ -23,10 +23,10 @@ from typing import Any, Self
 
 import structlog
 
-from lmkd_py.stress_cgroup import MIB, PressureCgroup
-from lmkd_py.stress_spec import VictimSpec, plan_layout
+from lmkd_py.stress.cgroup import MIB, PressureCgroup
+from lmkd_py.stress.spec import VictimSpec, plan_layout
 
-CHILD_SCRIPT = Path(__file__).with_name("stress_child.py")
+CHILD_SCRIPT = Path(__file__).with_name("child.py")
 VICTIM_COMM = "lmkd-py-victim"
 THRASHER_COMM = "lmkd-py-thrash"
 _STDERR_TAIL_CHARS = 4000
@@ -125,7 +125,7 @@ class _Child:
                 pipe.close()
 
 
-class Victim(_Child):
+class StressVictim(_Child):
     """A started victim process (``pid``, ``spec``); its memory per kind is in ``regions`` once ready."""
 
     what = "victim"
@@ -188,7 +188,7 @@ def spawn_victim(
     python: str = sys.executable,
     *,
     workdir: Path | None = None,
-) -> Victim:
+) -> StressVictim:
     """Start a victim laid out per ``spec``; call ``wait_ready()`` before measuring it.
 
     With ``cgroup`` the child writes its own pid into both hierarchies before it maps anything, so its
@@ -205,7 +205,7 @@ def spawn_victim(
         "plans": [[p.kind, p.pages, p.vmas] for p in plan_layout(spec, page_size)],
         "workdir": str(workdir if workdir is not None else tempfile.gettempdir()),
     }
-    victim = Victim(_start(cfg, python, cgroup), spec)
+    victim = StressVictim(_start(cfg, python, cgroup), spec)
     structlog.get_logger().debug("stress.victim_started", pid=victim.pid, spec=asdict(spec))
     return victim
 

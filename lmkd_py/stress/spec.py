@@ -1,6 +1,6 @@
 """What a stress victim is: ``VictimSpec``, its memory layout plan, and the seeded scenario presets.
 
-Pure: no I/O, no processes. ``stress_proc`` turns a spec into a running child.
+Pure: no I/O, no processes. ``proc`` turns a spec into a running child.
 """
 
 from __future__ import annotations

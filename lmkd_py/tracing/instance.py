@@ -1,6 +1,6 @@
 """The kill tracer behind ``lmkd_py.tracing``: the kill window on a private tracefs instance.
 
-The instance itself (set-up, binary reads, removal) is a ``tracing_raw.RawInstance``; this module adds
+The instance itself (set-up, binary reads, removal) is a ``raw.RawInstance``; this module adds
 what a kill needs: recording off between kills, the per-kill ``common_pid`` filters and their clearing
 off the kill path, the proc connector, and the timeline. See ``lmkd_py.tracing`` for the design and the
 measured costs behind it.
@@ -22,9 +22,9 @@ from typing import Any
 import structlog
 
 from lmkd_py.records import KernelTimeline
-from lmkd_py.tracing_proc import ProcConnector
-from lmkd_py.tracing_raw import INSTANCE_PREFIX, RawInstance, remove_stale_instances, write_control
-from lmkd_py.tracing_timeline import KillWindow, build_timeline, parse_status_rss_kib, pid_filter
+from lmkd_py.tracing.connector import ProcConnector
+from lmkd_py.tracing.raw import INSTANCE_PREFIX, RawInstance, remove_stale_instances, write_control
+from lmkd_py.tracing.timeline import KillWindow, build_timeline, parse_status_rss_kib, pid_filter
 
 EVENTS = (
     ("signal", "signal_generate"),

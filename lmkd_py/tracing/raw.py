@@ -4,11 +4,11 @@
 ``time.monotonic_ns()``), the buffer size and the overwrite option, enables the given events (each
 filter written *before* its event is enabled, so no unfiltered burst is recorded), holds every online
 CPU's ``per_cpu/cpuN/trace_pipe_raw`` open non-blocking (or opens them for each read), decodes what it reads with
-``tracing_ringbuf``, counts what the kernel dropped, and removes the instance on ``close()`` (atexit
+``ringbuf``, counts what the kernel dropped, and removes the instance on ``close()`` (atexit
 too). Instances whose names carry a dead pid are swept by ``remove_stale_instances``.
 
 What to trace and when (filters per kill, ``tracing_on`` windows, flight recording) is left to the
-users: ``tracing_instance.TracefsTracer`` and ``observe_trace.ObserveTrace``.
+users: ``instance.TracefsTracer`` and ``trace.ObserveTrace``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from lmkd_py.tracing_ringbuf import (
+from lmkd_py.tracing.ringbuf import (
     EventFormat,
     FormatError,
     PageLayout,

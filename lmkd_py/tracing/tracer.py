@@ -24,14 +24,14 @@ clearing one waits in ``tracepoint_synchronize_unregister()`` (~16-24 ms each); 
 ``close``) waits for. The rare events (signals with a ``sig == 9`` filter, process_mrelease, exits,
 exit_mmap) are traced system-wide and matched by their fields, so SIGKILL may come from any thread.
 
-The buffers are read in binary (``per_cpu/cpuN/trace_pipe_raw``, see tracing_ringbuf.py) for
+The buffers are read in binary (``per_cpu/cpuN/trace_pipe_raw``, see ringbuf.py) for
 nanosecond timestamps; reading consumes them, so no clear (~16 ms) is needed between kills.
 
-Modules: this one is the API (``open_tracer``, the tracers, finding or mounting tracefs);
-tracing_instance.py runs the kill windows; tracing_raw.py makes, reads and removes the instance;
-tracing_ringbuf.py decodes the buffers; tracing_timeline.py turns events into the record's
-``KernelTimeline``; tracing_proc.py reads the proc connector.
-pyroute2 is not used: see tracing_proc.py for why, with the measured import cost.
+Modules: this one opens tracers (``open_tracer``, ``NullTracer``, finding or mounting tracefs);
+instance.py runs the kill windows; raw.py makes, reads and removes the instance;
+ringbuf.py decodes the buffers; timeline.py turns events into the record's
+``KernelTimeline``; connector.py reads the proc connector.
+pyroute2 is not used: see connector.py for why, with the measured import cost.
 """
 
 from __future__ import annotations
@@ -40,50 +40,22 @@ import os
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from lmkd_py.records import KernelTimeline
-from lmkd_py.tracing_instance import TracefsTracer, parse_kernel_version
-from lmkd_py.tracing_raw import INSTANCE_PREFIX, TracingUnavailable, remove_stale_instances
+from lmkd_py.tracing.instance import TracefsTracer, parse_kernel_version
+from lmkd_py.tracing.raw import TracingUnavailable
 
-__all__ = [
-    "DEFAULT_ROOTS",
-    "INSTANCE_PREFIX",
-    "KillTracer",
-    "NullTracer",
-    "TracefsTracer",
-    "TracingUnavailable",
-    "find_tracefs",
-    "open_tracer",
-    "parse_kernel_version",
-    "remove_stale_instances",
-]
+if TYPE_CHECKING:  # the protocol lives with its one caller; no run-time import of a higher layer
+    from lmkd_py.killer import KillTracer
 
 DEFAULT_ROOTS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
+# The systemd unit bind-mounts tracefs read-write here (ProtectKernelTunables= makes /sys/kernel/tracing
+# read-only) and names the mount in this variable; every mode (daemon, observe, kill) honours it.
+TRACEFS_ENV = "LMKD_PY_TRACEFS"
 MODES = ("auto", "on", "off")
-
-
-class KillTracer(Protocol):
-    """What the killer calls around each kill (see the module docstring for the order)."""
-
-    def before_kill(
-        self, victim_pid: int, reaper_tid: int, *, rss_baseline_kib: Mapping[str, int] | None = None
-    ) -> None:
-        """After the identity check, before SIGKILL. Cheap (~0.2-0.4 ms here); never raises.
-        ``rss_baseline_kib``: the victim's RSS by kind as just read, saving a /proc read."""
-        ...
-
-    def after_kill(
-        self, victim_pid: int, reaper_tid: int, rss_before_kib: int | None, mrelease_wall_ns: int | None
-    ) -> KernelTimeline:
-        """After the exit was observed (or timed out). Never raises for read or parse trouble."""
-        ...
-
-    def close(self) -> None:
-        """Remove the instance; idempotent."""
-        ...
 
 
 class NullTracer:
@@ -113,9 +85,12 @@ class NullTracer:
 
 
 def find_tracefs(root: Path | None, log: Any) -> Path:
-    """The tracefs mount to use. An explicit ``root`` is used as is (never mounted on); otherwise
-    the usual places are tried and, as root, tracefs is mounted at /sys/kernel/tracing (harmless;
-    left mounted). Raises TracingUnavailable."""
+    """The tracefs mount to use: the one tracefs locator of lmkd-py. An explicit ``root``, else
+    ``$LMKD_PY_TRACEFS``, is used as is (never mounted on); otherwise the usual places are tried and,
+    as root, tracefs is mounted at /sys/kernel/tracing (harmless; left mounted). Raises
+    TracingUnavailable."""
+    if root is None and os.environ.get(TRACEFS_ENV):
+        root = Path(os.environ[TRACEFS_ENV])
     if root is not None:
         if (root / "instances").is_dir():
             return root

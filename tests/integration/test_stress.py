@@ -25,7 +25,7 @@ from lmkd_py.stress import (
     PressureCgroup,
     Region,
     StressChildError,
-    Victim,
+    StressVictim,
     VictimSpec,
     expected_rss_kib,
     plan_layout,
@@ -114,9 +114,9 @@ def wait_until(pred: Callable[[], bool], timeout_s: float) -> bool:
 class Spawner:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.victims: list[Victim] = []
+        self.victims: list[StressVictim] = []
 
-    def __call__(self, spec: VictimSpec, cgroup: PressureCgroup | None = None, ready: bool = True) -> Victim:
+    def __call__(self, spec: VictimSpec, cgroup: PressureCgroup | None = None, ready: bool = True) -> StressVictim:
         v = spawn_victim(spec, cgroup, workdir=self.workdir)
         self.victims.append(v)
         if ready:

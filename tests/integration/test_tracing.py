@@ -23,19 +23,18 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from lmkd_py.killer import Killer
+from lmkd_py.killer import Killer, KillTracer
 from lmkd_py.records import KernelTimeline, Outcome
 from lmkd_py.syscalls import SIGKILL, LinuxSyscalls
 from lmkd_py.tracing import (
     DEFAULT_ROOTS,
-    KillTracer,
     NullTracer,
     TracefsTracer,
     TracingUnavailable,
     open_tracer,
     parse_kernel_version,
 )
-from lmkd_py.tracing_proc import ProcConnector
+from lmkd_py.tracing.connector import ProcConnector
 from tests.conftest import Children, check_no_instance_left, needs_root
 
 pytestmark = [needs_root, pytest.mark.root]

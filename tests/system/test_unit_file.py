@@ -500,7 +500,7 @@ NSPAWN = shutil.which("systemd-nspawn")
 # sd_notify until stopped. Results go to the state directory, the only writable place.
 PROBE = r"""
 import ctypes, errno, json, os, select, signal, socket, struct, time
-from lmkd_py.sdnotify import Notifier
+from lmkd_py.sdnotify import SdNotifier
 
 res = {}
 def attempt(name, fn):
@@ -557,7 +557,7 @@ attempt("psi_trigger", lambda: os.write(os.open("/proc/pressure/memory", os.O_RD
 attempt("mount", lambda: sc(165, b"none", b"/tmp", b"tmpfs", 0, None))
 json.dump(res, open("/var/lib/lmkd-py/probe.json", "w"))
 
-n = Notifier.from_env()
+n = SdNotifier.from_env()
 state = {"stop": False, "hup": 0}
 signal.signal(signal.SIGTERM, lambda *_: state.update(stop=True))
 signal.signal(signal.SIGHUP, lambda *_: state.update(hup=state["hup"] + 1))

@@ -31,7 +31,6 @@ from lmkd_py.lab.image import (
     with_parents,
     write_newc,
 )
-from lmkd_py.lab.inguest import MARKER, emit_line
 from lmkd_py.lab.kernels import (
     Kernel,
     KernelError,
@@ -42,7 +41,8 @@ from lmkd_py.lab.kernels import (
     to_raw_image,
 )
 from lmkd_py.lab.peers import full_stall_us
-from lmkd_py.lab.run import GuestRun, _Collector, parse_marker, qemu_argv
+from lmkd_py.lab.protocol import MARKER, emit_line, parse_marker
+from lmkd_py.lab.run import GuestRun, _Collector, qemu_argv
 from lmkd_py.lab.summary import TCG_NOTE, peers_rows, peers_table
 from lmkd_py.records import KillRecord, Mrelease, MreleaseStatus, Outcome, Steps, Victim
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from lmkd_py.observe_procs import MemSampler, WarmTable, read_pidfd_target, read_task_facts, read_victim_facts
-from lmkd_py.observe_record import build_record, parse_pidfd_fdinfo
-from lmkd_py.observe_trace import keep_pages
-from lmkd_py.observe_track import (
+from lmkd_py.observe.procs import MemSampler, WarmTable, read_pidfd_target, read_task_facts, read_victim_facts
+from lmkd_py.observe.record import build_record, parse_pidfd_fdinfo
+from lmkd_py.observe.trace import keep_pages
+from lmkd_py.observe.track import (
     EXIT_GRACE_NS,
     REAPER_SETTLE_NS,
     SI_KERNEL,
@@ -26,8 +26,8 @@ from lmkd_py.observe_track import (
 )
 from lmkd_py.procfs import ProcFs
 from lmkd_py.records import KillRecord, MreleaseStatus, Outcome, Provenance, RecordWriter, Victim, read_records
-from lmkd_py.tracing_proc import ProcExit
-from lmkd_py.tracing_ringbuf import TraceEvent
+from lmkd_py.tracing.connector import ProcExit
+from lmkd_py.tracing.ringbuf import TraceEvent
 
 MS = 1_000_000
 V616 = (6, 18)
@@ -390,7 +390,7 @@ def test_pidfd_target_and_mem_sampler(tmp_path: Path) -> None:
 def test_report_and_compare_read_observed_records(tmp_path: Path) -> None:
     pytest.importorskip("numpy")
     from lmkd_py.report import cmd_compare
-    from lmkd_py.report_data import load_table
+    from lmkd_py.report.data import load_table
 
     _tr, done = foreign_kill(hints=True)
     paths = []

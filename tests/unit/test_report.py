@@ -29,9 +29,9 @@ from lmkd_py.records import (  # noqa: E402
     Victim,
     read_records,
 )
-from lmkd_py.report_data import load_table  # noqa: E402
-from lmkd_py.report_stats import BootstrapOptions, compare_tables, compare_values  # noqa: E402
-from lmkd_py.report_synth import SynthSpec, synthetic_lines  # noqa: E402
+from lmkd_py.report.data import load_table  # noqa: E402
+from lmkd_py.report.stats import BootstrapOptions, compare_tables, compare_values  # noqa: E402
+from lmkd_py.report.synth import SynthSpec, synthetic_lines  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 

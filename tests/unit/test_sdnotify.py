@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from lmkd_py.sdnotify import Notifier, parse_notify_socket, parse_watchdog
+from lmkd_py.sdnotify import SdNotifier, parse_notify_socket, parse_watchdog
 
 RECV_TIMEOUT_S = 5.0
 
@@ -119,7 +119,7 @@ def test_parse_watchdog(env: dict[str, str], expected_ns: int | None) -> None:
 
 def test_from_env_without_socket_is_a_silent_no_op() -> None:
     with capture_logs() as logs:
-        n = Notifier.from_env({"WATCHDOG_USEC": "1000000"})
+        n = SdNotifier.from_env({"WATCHDOG_USEC": "1000000"})
         n.ready("up")
         n.status("s")
         n.watchdog()
@@ -138,25 +138,25 @@ def test_from_env_reads_watchdog_for_this_pid(path_receiver: Receiver) -> None:
         "WATCHDOG_USEC": "3000000",
         "WATCHDOG_PID": str(os.getpid()),
     }
-    n = Notifier.from_env(env)
+    n = SdNotifier.from_env(env)
     assert n.enabled
     assert n.watchdog_interval_ns == 1_500_000_000
 
 
 def test_from_env_ignores_watchdog_meant_for_another_pid(path_receiver: Receiver) -> None:
     env = {"NOTIFY_SOCKET": path_receiver.env_value, "WATCHDOG_USEC": "3000000", "WATCHDOG_PID": "1"}
-    assert Notifier.from_env(env).watchdog_interval_ns is None
+    assert SdNotifier.from_env(env).watchdog_interval_ns is None
 
 
 def test_from_env_warns_on_unusable_values() -> None:
     with capture_logs() as logs:
-        n = Notifier.from_env({"NOTIFY_SOCKET": "vsock:2:99"})
+        n = SdNotifier.from_env({"NOTIFY_SOCKET": "vsock:2:99"})
     assert not n.enabled
     assert [e["event"] for e in logs] == ["sdnotify.unsupported_address"]
     assert logs[0]["log_level"] == "warning"
 
     with capture_logs() as logs:
-        n = Notifier.from_env({"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "soon"})
+        n = SdNotifier.from_env({"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "soon"})
     assert n.enabled
     assert n.watchdog_interval_ns is None
     assert [e["event"] for e in logs] == ["sdnotify.bad_watchdog_usec"]
@@ -165,7 +165,7 @@ def test_from_env_warns_on_unusable_values() -> None:
 def test_from_env_does_not_modify_the_environment(path_receiver: Receiver) -> None:
     env = {"NOTIFY_SOCKET": path_receiver.env_value, "WATCHDOG_USEC": "1000000"}
     before = dict(env)
-    Notifier.from_env(env).ready()
+    SdNotifier.from_env(env).ready()
     assert env == before
 
 
@@ -173,7 +173,7 @@ def test_from_env_does_not_modify_the_environment(path_receiver: Receiver) -> No
 
 
 def test_every_message_arrives_with_its_fields(receiver: Receiver) -> None:
-    n = Notifier.from_env({"NOTIFY_SOCKET": receiver.env_value})
+    n = SdNotifier.from_env({"NOTIFY_SOCKET": receiver.env_value})
     try:
         n.ready("watching 3 cgroups")
         n.status("idle")
@@ -203,7 +203,7 @@ def test_every_message_arrives_with_its_fields(receiver: Receiver) -> None:
 
 
 def test_newlines_in_a_status_cannot_inject_assignments(path_receiver: Receiver) -> None:
-    n = Notifier.from_env({"NOTIFY_SOCKET": path_receiver.env_value})
+    n = SdNotifier.from_env({"NOTIFY_SOCKET": path_receiver.env_value})
     n.status("killed evil\nREADY=1\r\nSTOPPING=1")
     n.close()
     fields, _ = path_receiver.recv()
@@ -211,7 +211,7 @@ def test_newlines_in_a_status_cannot_inject_assignments(path_receiver: Receiver)
 
 
 def test_socket_is_reused_between_sends(path_receiver: Receiver) -> None:
-    n = Notifier.from_env({"NOTIFY_SOCKET": path_receiver.env_value})
+    n = SdNotifier.from_env({"NOTIFY_SOCKET": path_receiver.env_value})
     n.watchdog()
     first = n._sock
     n.watchdog()
@@ -224,8 +224,8 @@ def test_socket_is_reused_between_sends(path_receiver: Receiver) -> None:
 def test_a_subprocess_notifies_as_itself(path_receiver: Receiver) -> None:
     # What the manager sees with NotifyAccess=main: the datagram's credentials name the sending process.
     code = (
-        "from lmkd_py.sdnotify import Notifier\n"
-        "n = Notifier.from_env()\n"
+        "from lmkd_py.sdnotify import SdNotifier\n"
+        "n = SdNotifier.from_env()\n"
         "n.ready('child up')\n"
         "n.watchdog()\n"
         "print(n.watchdog_interval_ns)\n"
@@ -246,7 +246,7 @@ def test_a_subprocess_notifies_as_itself(path_receiver: Receiver) -> None:
 
 def test_missing_socket_is_counted_and_warned_once(tmp_path: Path) -> None:
     gone = tmp_path / "nobody-listens.sock"
-    n = Notifier.from_env({"NOTIFY_SOCKET": str(gone)})
+    n = SdNotifier.from_env({"NOTIFY_SOCKET": str(gone)})
     assert n.enabled
     with capture_logs() as logs:
         n.ready()
@@ -264,7 +264,7 @@ def test_missing_socket_is_counted_and_warned_once(tmp_path: Path) -> None:
 
 def test_listener_that_appears_later_is_reached(tmp_path: Path) -> None:
     path = tmp_path / "late.sock"
-    n = Notifier.from_env({"NOTIFY_SOCKET": str(path)})
+    n = SdNotifier.from_env({"NOTIFY_SOCKET": str(path)})
     with capture_logs():
         n.watchdog()
     assert n.failures == 1
@@ -283,7 +283,7 @@ def test_full_receiver_queue_times_out_instead_of_blocking(tmp_path: Path) -> No
     rx = _bind(str(path), str(path))
     # A receiver that never reads: sends succeed until its queue is full, then must fail within the
     # timeout rather than block the daemon loop.
-    n = Notifier(str(path).encode(), send_timeout_ns=50_000_000)
+    n = SdNotifier(str(path).encode(), send_timeout_ns=50_000_000)
     try:
         with capture_logs():
             start_ns = time.monotonic_ns()
@@ -302,7 +302,7 @@ def test_full_receiver_queue_times_out_instead_of_blocking(tmp_path: Path) -> No
 
 
 def test_receiver_closed_midway_does_not_raise(path_receiver: Receiver) -> None:
-    n = Notifier.from_env({"NOTIFY_SOCKET": path_receiver.env_value})
+    n = SdNotifier.from_env({"NOTIFY_SOCKET": path_receiver.env_value})
     n.ready()
     path_receiver.sock.close()
     Path(path_receiver.env_value).unlink()

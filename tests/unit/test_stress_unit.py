@@ -10,9 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lmkd_py.stress import SCENARIOS, VictimSpec, options_from_args, scenario_specs
-from lmkd_py.stress_cgroup import parse_oom_control, parse_procs, validate_cgroup_name
-from lmkd_py.stress_child import SPARSE_STRIDE, split_pieces, touched_pages
-from lmkd_py.stress_spec import expected_rss_kib, plan_layout, spec_problems
+from lmkd_py.stress.cgroup import parse_oom_control, parse_procs, validate_cgroup_name
+from lmkd_py.stress.child import SPARSE_STRIDE, split_pieces, touched_pages
+from lmkd_py.stress.spec import expected_rss_kib, plan_layout, spec_problems
 
 PAGE = 4096
 

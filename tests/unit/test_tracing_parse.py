@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmkd_py.tracing import NullTracer, TracingUnavailable, open_tracer, parse_kernel_version
-from lmkd_py.tracing_proc import (
+from lmkd_py.tracing.connector import (
     CN_IDX_PROC,
     NLMSG_DONE,
     PROC_CN_MCAST_LISTEN,
@@ -23,7 +23,7 @@ from lmkd_py.tracing_proc import (
     control_message,
     parse_proc_exits,
 )
-from lmkd_py.tracing_ringbuf import (
+from lmkd_py.tracing.ringbuf import (
     FormatError,
     PageLayout,
     TraceEvent,
@@ -32,7 +32,7 @@ from lmkd_py.tracing_ringbuf import (
     parse_header_page,
     parse_subbuffer,
 )
-from lmkd_py.tracing_timeline import KillWindow, build_timeline, parse_status_rss_kib, pid_filter
+from lmkd_py.tracing.timeline import KillWindow, build_timeline, parse_status_rss_kib, pid_filter
 
 RSS_STAT_FORMAT = """name: rss_stat
 ID: 646
@@ -513,7 +513,7 @@ def test_mode_off_and_bad_mode() -> None:
 
 
 def test_data_loc_field_is_named_by_its_last_word() -> None:
-    from lmkd_py.tracing_ringbuf import parse_event_format
+    from lmkd_py.tracing.ringbuf import parse_event_format
 
     fmt = parse_event_format(
         "oom",

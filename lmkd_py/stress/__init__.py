@@ -1,0 +1,33 @@
+"""The stress family's public face: victims with a chosen memory shape, and memcg-limited pressure.
+
+Private modules: ``spec`` (what a victim is, scenarios; pure), ``proc`` (the child processes),
+``cgroup`` (the pressure cgroup), ``child`` (the program a child runs, never imported), ``cli`` (the
+``lmkd-py stress`` command).
+"""
+
+from __future__ import annotations
+
+from lmkd_py.stress.cgroup import PressureCgroup, parse_oom_control
+from lmkd_py.stress.cli import SCENARIOS, StressOptions, cmd_stress, options_from_args
+from lmkd_py.stress.proc import Region, StressChildError, StressVictim, Thrasher, spawn_victim, start_thrasher
+from lmkd_py.stress.spec import KindPlan, VictimSpec, expected_rss_kib, plan_layout, scenario_specs
+
+__all__ = [
+    "SCENARIOS",
+    "KindPlan",
+    "PressureCgroup",
+    "Region",
+    "StressChildError",
+    "StressOptions",
+    "StressVictim",
+    "Thrasher",
+    "VictimSpec",
+    "cmd_stress",
+    "expected_rss_kib",
+    "options_from_args",
+    "parse_oom_control",
+    "plan_layout",
+    "scenario_specs",
+    "spawn_victim",
+    "start_thrasher",
+]
