@@ -19,8 +19,8 @@ import os
 import select
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -38,10 +38,22 @@ MAX_WINDOW_US = 10_000_000
 
 @dataclass(frozen=True)
 class PressureEvent:
+    """One reason to act, as a source saw it.
+
+    ``kill_reason`` is the record's ``kill_reason`` (lmkd's names, e.g. ``low_mem_and_swap``, or this
+    project's: ``mem_floor``, ``cgroup_headroom``); None means ``psi_<level>``. ``signals`` holds the
+    values that decided, with units in their names, for the record. ``still`` re-checks the condition
+    now (True while it holds) for a source that can tell precisely (free memory, headroom); None for
+    a PSI stall, which is a rate over a window and cannot be re-read in a moment.
+    """
+
     level: Level
     t_ns: int  # when the loop woke for it (CLOCK_MONOTONIC)
-    mechanism: str  # "trigger" or "poll"
+    mechanism: str  # "trigger", "poll", "mem_floor", "signals", "headroom"
     source: str
+    kill_reason: str | None = None
+    signals: Mapping[str, float | int | None] | None = None
+    still: Callable[[], bool] | None = field(default=None, compare=False)
 
 
 class PressureSource(Protocol):
@@ -371,8 +383,16 @@ class MemFloorSource:
         floor_kib = total_kib * self.floor_pct / 100
         self._next = now + (self.fast_ns if free_kib < floor_kib * self.NEAR_FACTOR else self.slow_ns)
         if free_kib < floor_kib:
-            return [PressureEvent(self.level, now, "mem_floor", f"free {free_kib} KiB < {floor_kib:.0f} KiB")]
+            return [PressureEvent(self.level, now, "mem_floor", f"free {free_kib} KiB < {floor_kib:.0f} KiB",
+                                  kill_reason="mem_floor",
+                                  signals={"free_kib": free_kib, "floor_kib": round(floor_kib)},
+                                  still=self.below)]
         return []
+
+    def below(self) -> bool:
+        """Whether free memory is below the floor now (False when unreadable: do not kill blind)."""
+        got = self.read_free()
+        return got is not None and got[0] < got[1] * self.floor_pct / 100
 
     def read(self) -> Psi | None:
         return self.inner.read()

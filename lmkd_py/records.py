@@ -131,6 +131,12 @@ class Pressure(_Model):
     decision_latency_ns: int | None = None  # event wake -> SIGKILL sent (or -> decision, in dry run)
     rank: int | None = None  # place of this victim in the ranking (0 = first choice)
     reason: str | None = None  # why this victim was chosen
+    # Why a kill was needed, in Android lmkd's names where lmkd has one (low_mem_and_swap,
+    # low_mem_and_thrashing, direct_recl_and_thrashing, low_swap_and_thrashing, low_mem_and_swap_util,
+    # low_filecache_after_thrashing, pressure_after_kill, not_responding) and this project's own
+    # (mem_floor, cgroup_headroom, psi_<level>).
+    kill_reason: str | None = None
+    signals: dict[str, float | int | None] | None = None  # the values that decided, units in the names
 
 
 class KernelTimeline(_Model):
