@@ -1,14 +1,20 @@
 """The warm candidate table: every killable-looking process, refreshed off the kill path.
 
-A full refresh reads two small files per process (``stat`` and ``oom_score_adj``); ``cmdline``, the
-uid and the cgroup are read once per process (keyed by pid and start time) since they rarely change.
-At decision time only the first few ranked candidates are read again (``recheck``): identity, adj,
-and RSS + swap from ``status``. See design.md, "The decision must not scan".
+A full refresh reads two small files per process (``stat`` and ``oom_score_adj``), and ``status``
+too when the machine has swap, so that swapped-out memory counts in every candidate's size (issue 12);
+``cmdline``, the uid and the cgroup are read once per process (keyed by pid and start time) since they
+rarely change. At decision time only the first few ranked candidates are read again (``recheck``):
+identity, adj, and RSS + swap from ``status``. See design.md, "The decision must not scan".
+
+Processes that appeared since the last refresh are found without a scan (``newcomers``): in a cgroup
+scope from the scope's ``cgroup.procs``; system-wide from the pids allocated since the refresh — the
+kernel hands pids out in increasing order, and ``/proc/loadavg`` names the last one — so the decision
+reads only the new pids (a hog started a moment ago must not lose to an older bystander).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,6 +24,8 @@ from lmkd_py.policy import OOM_SCORE_ADJ_MIN, Candidate, Choice, Rules, band_pre
 from lmkd_py.procfs import PAGE_KIB, ProcFs, ProcParseError, cgroup_v2_path, subtree_pids
 
 log = structlog.get_logger("lmkd_py.candidates")
+# Past this many pids allocated since the refresh, newcomers are found by listing /proc instead.
+NEWCOMER_SPAN_MAX = 512
 
 
 class CandidateTable:
@@ -38,6 +46,8 @@ class CandidateTable:
         self._cands: dict[int, Candidate] = {}
         self._static: dict[tuple[int, int], tuple[str, int | None, str | None]] = {}
         self._ranked: list[Choice] = []
+        self._newcomers: dict[int, Candidate] = {}
+        self._last_pid: int | None = None  # the last pid allocated when the table was refreshed
         self.refreshed_ns: int | None = None
         self.last_refresh_cost_ns: int | None = None
 
@@ -53,12 +63,15 @@ class CandidateTable:
         t0 = self.clock()
         fresh: dict[int, Candidate] = {}
         static: dict[tuple[int, int], tuple[str, int | None, str | None]] = {}
+        self._last_pid = self._read_last_pid()
+        with_swap = self._has_swap()
         for pid in self._pids():
             c = self._read(pid, static)
             if c is not None:
-                fresh[pid] = c
+                fresh[pid] = self._with_swap(c) if with_swap else c
         self._cands = fresh
         self._static = static
+        self._newcomers = {}
         # Rank once, for every level: a level's choices are a prefix of this (band_prefix).
         self._ranked = rank_victims(fresh.values(), OOM_SCORE_ADJ_MIN + 1, self.rules)
         self.refreshed_ns = self.clock()
@@ -99,6 +112,67 @@ class CandidateTable:
             ppid=st.ppid,
             kernel_thread=st.is_kernel_thread,
         )
+
+    def holds(self, pid: int, start_time_ticks: int) -> bool:
+        """Whether the last refresh saw this process (pid and start time)."""
+        c = self._cands.get(pid)
+        return c is not None and c.start_time_ticks == start_time_ticks
+
+    def _has_swap(self) -> bool:
+        try:
+            return self.proc.meminfo().get("SwapTotal", 0) > 0
+        except (OSError, ProcParseError):
+            return False
+
+    def _with_swap(self, c: Candidate) -> Candidate:
+        try:
+            swap = self.proc.status(c.pid).vm_swap_kib
+        except (FileNotFoundError, ProcessLookupError, PermissionError, ProcParseError):
+            return c
+        return replace(c, swap_kib=swap or 0)
+
+    def _read_last_pid(self) -> int | None:
+        try:
+            return self.proc.last_pid()
+        except (OSError, ProcParseError):
+            return None
+
+    def _new_pids(self) -> Iterable[int]:
+        """Pids that may have appeared since the refresh, without a /proc scan."""
+        if self.scope_dir is not None:
+            return subtree_pids(self.scope_dir) - self._cands.keys() - self._newcomers.keys()
+        then, now = self._last_pid, self._read_last_pid()
+        if then is None or now is None:
+            return ()
+        span: Sequence[int]
+        if now >= then:
+            span = range(then + 1, now + 1)
+        else:  # the pid counter wrapped: the rest of the old run, then from the bottom (pid 300 on)
+            span = [*range(then + 1, self.proc.pid_max() + 1), *range(300, now + 1)]
+        if len(span) > NEWCOMER_SPAN_MAX:
+            # A fork storm: list the directory (names only, no per-process reads) instead.
+            return set(self.proc.pids()) - self._cands.keys() - self._newcomers.keys()
+        return (p for p in span if p not in self._cands and p not in self._newcomers)
+
+    def newcomers(self, min_adj: int) -> list[Choice]:
+        """Processes started since the last refresh, ranked for ``min_adj``: read now (a few files
+        each), kept until the next refresh. Threads get pids from the same counter and are skipped."""
+        static: dict[tuple[int, int], tuple[str, int | None, str | None]] = {}
+        for pid in self._new_pids():
+            try:
+                status = self.proc.status(pid)
+            except (FileNotFoundError, ProcessLookupError, PermissionError, ProcParseError):
+                continue
+            if status.tgid != pid:
+                continue  # a thread of an older process
+            c = self._read(pid, static)
+            if c is not None:
+                self._newcomers[pid] = replace(c, swap_kib=status.vm_swap_kib or 0)
+        self._static.update(static)
+        if not self._newcomers:
+            return []
+        log.debug("candidates.newcomers", count=len(self._newcomers))
+        return rank_victims(self._newcomers.values(), min_adj, self.rules)
 
     def rank(self, min_adj: int) -> list[Choice]:
         """The ranking of the last refresh for a level's floor: no /proc reads, no sorting."""

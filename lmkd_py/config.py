@@ -223,6 +223,9 @@ class Config(_Frozen):
         return Path(state) / "lmkd-py" / "records.jsonl"
 
 
+MAX_CONFIG_BYTES = 1 << 20  # the shipped config is ~10 KiB; a larger file is a mistake or an attack
+
+
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the file and the key."""
 
@@ -247,13 +250,22 @@ def load_config(path: Path | None) -> Config:
     if path is None:
         return Config()
     try:
-        text = Path(path).read_text()
+        raw = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {len(raw)} bytes; a config is at most {MAX_CONFIG_BYTES}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 (TOML must be): byte {exc.start} is {raw[exc.start]:#04x}") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:
+        # tomllib recurses per nesting level: thousands of nested arrays or tables exhaust the stack.
+        raise ConfigError(f"{path}: nested too deeply to be a config") from None
     return parse_config(data, str(path))
 
 

@@ -1,31 +1,51 @@
-"""The loop: event -> rank (warm table) -> re-check -> kill -> record -> cool down.
+"""The loop and the life of its parts: event -> rank (warm table) -> re-check -> kill -> record -> cool down.
 
-``build(cfg, ...)`` assembles the parts; ``Daemon.run`` owns timing and signals. One kill is in flight
-at a time: ``Killer.kill`` returns only once the victim exited and its memory came back (or a timeout),
-and no kill follows sooner than ``kill.min_interval_ms`` after it.
+``build(cfg, ...)`` makes every config-dependent part through one ``Builder``; the ``Daemon`` owns them
+from then on: it swaps them whole on reload (``reload``: all made first, then swapped, or nothing
+changes) and closes them itself (``close``, or leaving its ``with`` block). One kill is in flight at a
+time: ``Killer.kill`` returns only once the victim exited and its memory came back (or a timeout), and
+no kill follows sooner than ``kill.min_interval_ms`` after it.
+
+How many processes one event may kill (design.md, rule 9; issue 18 item 5): the first that dies ends
+the event. A victim that was gone before the signal freed its memory by itself, so another victim is
+killed only when the event's source can re-check precisely that it is still needed (``still``); a PSI
+stall cannot be re-read in a moment, so its event ends there and the next trigger decides. A victim that
+does not exit in time is remembered by pid and start time and never picked again (a frozen or D-state
+task would otherwise be re-picked on every event); unless its memory came back anyway (process_mrelease
+can reap a frozen task), the next candidate is killed at once with the reason ``not_responding``.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
 from typing import Protocol
 
 import structlog
 
+from lmkd_py import provenance
 from lmkd_py.candidates import CandidateTable
-from lmkd_py.config import NEVER_KILL_ADJ, Config
-from lmkd_py.killer import Killer
-from lmkd_py.policy import Choice
-from lmkd_py.procfs import Psi
-from lmkd_py.psi import PressureEvent, PressureSource, TriggerUnavailable
-from lmkd_py.records import KillRecord, Outcome, Pressure, Victim
+from lmkd_py.config import NEVER_KILL_ADJ, Config, ConfigError, Level
+from lmkd_py.killer import Killer, KillOptions
+from lmkd_py.policy import Choice, Rules
+from lmkd_py.procfs import ProcFs, ProcParseError, Psi, cgroup_v2_relpath
+from lmkd_py.psi import MemFloorSource, PressureEvent, PressureSource, TriggerUnavailable, open_source, pressure_file
+from lmkd_py.records import KillRecord, Outcome, Pressure, Victim, open_writer
 from lmkd_py.sdnotify import Notifier
+from lmkd_py.syscalls import LinuxSyscalls
 
 log = structlog.get_logger("lmkd_py.daemon")
 Clock = Callable[[], int]
-DONE_OUTCOMES = (Outcome.KILLED, Outcome.EXIT_TIMEOUT, Outcome.DRY_RUN)
+
+# Keys whose change needs a restart: they decide what the process watches and holds open.
+RESTART_KEYS = ("pressure.cgroup", "tracing")
+# A PSI event this soon after the last kill ended is pressure the kill did not relieve (lmkd's
+# "pressure_after_kill"): one window of the default triggers.
+PRESSURE_AFTER_KILL_NS = 2_000_000_000
 
 
 class Sink(Protocol):
@@ -41,9 +61,81 @@ class Stats:
     skipped_cooldown: int = 0
     skipped_recovered: int = 0
     no_candidate: int = 0
+    not_responding: int = 0
     loop_errors: int = 0
     records_dropped: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
+
+
+class Builder:
+    """Makes the parts a config asks for, at start and again on reload (so both make them alike)."""
+
+    def __init__(self, proc: ProcFs, wake_fd: int | None = None) -> None:
+        self.proc = proc
+        self.wake_fd = wake_fd
+
+    def scope(self, cfg: Config) -> tuple[Path | None, str | None]:
+        """(directory, cgroup v2 path) of ``pressure.cgroup``, or (None, None) system-wide.
+        Raises FileNotFoundError when the directory is not a cgroup v2 directory."""
+        scope = cfg.pressure.cgroup
+        if scope is None:
+            return None, None
+        if not (scope / "cgroup.procs").exists():
+            raise FileNotFoundError(f"pressure.cgroup {scope}: not a cgroup v2 directory (no cgroup.procs)")
+        return scope, cgroup_v2_relpath(scope, Path("/proc/self/mounts").read_text())
+
+    def rules(self, cfg: Config) -> Rules:
+        return Rules.from_config(cfg.policy, self_pids={os.getpid()}, scope_cgroup=self.scope(cfg)[1])
+
+    def source(self, cfg: Config) -> PressureSource:
+        p = cfg.pressure
+        src = open_source(p.source, pressure_file(p.cgroup), p.levels, p.poll_interval_ms * 1_000_000,
+                          wake_fd=self.wake_fd)
+        if p.mem_floor_pct is None or p.cgroup is not None:
+            return src
+        level = Level(name="mem_floor", stall="some", threshold_us=1, window_us=2_000_000,
+                      min_oom_score_adj=p.mem_floor_min_oom_score_adj)
+        return MemFloorSource(src, self.free_memory, p.mem_floor_pct, level)
+
+    def free_memory(self) -> tuple[int, int] | None:
+        """(free memory as ``ProcFs.free_memory_kib`` counts it, MemTotal) in KiB, or None when unreadable."""
+        try:
+            free = self.proc.free_memory_kib()
+            total = self.proc.meminfo().get("MemTotal")
+        except (OSError, ProcParseError):
+            return None
+        return (free, total) if free is not None and total is not None else None
+
+    def killer(self, cfg: Config) -> Killer:
+        killer = Killer(LinuxSyscalls(), self.proc, options=KillOptions.from_config(cfg.kill),
+                        provenance=provenance.collect(cfg.digest()))
+        if cfg.tracing != "off" and not cfg.dry_run:
+            from lmkd_py.tracing import open_tracer  # tracefs code only when tracing is asked for
+
+            killer.tracer = open_tracer(cfg.tracing)
+        return killer
+
+
+def build(
+    cfg: Config,
+    *,
+    sink: Sink,
+    wake_fd: int | None = None,
+    procfs: ProcFs | None = None,
+    notifier: Notifier | None = None,
+) -> Daemon:
+    """Assemble a daemon that owns its parts. Raises OSError when no pressure source can be had at
+    all and TracingUnavailable when ``tracing = "on"`` cannot be honoured; nothing is left open then."""
+    builder = Builder(procfs or ProcFs(), wake_fd)
+    scope_dir, _ = builder.scope(cfg)
+    table = CandidateTable(builder.proc, builder.rules(cfg), scope_dir=scope_dir, clock=time.monotonic_ns)
+    source = builder.source(cfg)
+    try:
+        killer = builder.killer(cfg)
+    except BaseException:
+        source.close()
+        raise
+    return Daemon(cfg, source=source, killer=killer, table=table, sink=sink, notifier=notifier, builder=builder)
 
 
 class Daemon:
@@ -57,7 +149,7 @@ class Daemon:
         sink: Sink,
         clock: Clock = time.monotonic_ns,
         notifier: Notifier | None = None,
-        reopen_source: Callable[[], PressureSource] | None = None,
+        builder: Builder | None = None,
     ) -> None:
         self.cfg = cfg
         self.source = source
@@ -66,18 +158,97 @@ class Daemon:
         self.sink = sink
         self.clock = clock
         self.notifier = notifier
-        self.reopen_source = reopen_source
+        self.builder = builder
+        self.reopen_source: Callable[[], PressureSource] | None = (
+            (lambda: builder.source(self.cfg)) if builder is not None else None
+        )
+        # Reload: where the new config comes from (raises ConfigError) and what follows a good one.
+        self.load_config: Callable[[], Config] | None = None
+        self.on_reloaded: Callable[[Config], None] | None = None
         self.stats = Stats()
         self.stop_requested = False
         self.reload_requested = False
-        self.reload: Callable[[], None] | None = None
+        self.stuck: set[tuple[int, int]] = set()  # (pid, start time) of victims that did not exit
         self._cooldown_until = 0
+        self._last_kill_end: int | None = None
         self._next_refresh = 0
         self._last_watchdog = 0
+        self._closed = False
 
     @property
     def dry_run(self) -> bool:
         return self.cfg.dry_run
+
+    # -- life --------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the reaper thread, remove the tracefs instance, close the triggers. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.killer.close()
+        if self.killer.tracer is not None:
+            self.killer.tracer.close()
+        self.source.close()
+
+    def __enter__(self) -> Daemon:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def reload(self, new: Config) -> str | None:
+        """Swap ``new`` in, all or nothing. Returns None when applied, else the reason it was rejected."""
+        old = self.cfg
+        for key in RESTART_KEYS:
+            section, _, name = key.rpartition(".")
+            a = getattr(getattr(old, section), name) if section else getattr(old, name)
+            b = getattr(getattr(new, section), name) if section else getattr(new, name)
+            if a != b:
+                return f"{key} changed ({a!r} -> {b!r}): that needs a restart"
+        if self.builder is None:
+            return "this daemon was not built from a config: nothing to reload"
+        try:
+            rules = self.builder.rules(new)
+            source = self.builder.source(new) if new.pressure != old.pressure else None
+            sink = open_writer(new) if new.records != old.records else None
+        except OSError as exc:
+            return f"cannot apply: {exc}"
+        # Everything could be made: swap.
+        self.cfg = new
+        self.table.rules = rules
+        self.killer.options = KillOptions.from_config(new.kill)
+        self.killer.provenance = self.killer.provenance.model_copy(update={"config_hash": new.digest()})
+        if source is not None:
+            self.source.close()
+            self.source = source
+        if sink is not None:
+            self.sink = sink
+        self.table.refresh()
+        return None
+
+    def _reload_from_file(self) -> None:
+        """SIGHUP: RELOADING=1, then READY=1 on every way out, so systemd never hangs in 'reloading'."""
+        if self.load_config is None:
+            return
+        if self.notifier is not None:
+            self.notifier.reloading()
+        why: str | None = "reload failed"
+        try:
+            try:
+                new = self.load_config()
+            except ConfigError as exc:
+                why = str(exc)
+            else:
+                why = self.reload(new)
+                if why is None:
+                    if self.on_reloaded is not None:
+                        self.on_reloaded(new)
+                    log.info("config.reloaded", config_hash=new.digest())
+        finally:
+            if why is not None:
+                log.error("config.reload_rejected", reason=why, kept=self.cfg.digest())
+            if self.notifier is not None:
+                self.notifier.ready(f"config {self.cfg.digest()}" + (" (reload rejected)" if why else ""))
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self, duration_ns: int | None = None) -> int:
@@ -120,14 +291,14 @@ class Daemon:
             log.warning("psi.source_lost", reason=str(exc))
             events = []
             self._reopen()
-        if self.reload_requested and self.reload is not None:
+        if self.reload_requested:
             self.reload_requested = False
-            self.reload()
+            self._reload_from_file()
         now = self.clock()
         if events:
             self.handle(events)
         elif now >= self._next_refresh:
-            self.table.refresh()
+            self._refresh()
         if now >= self._next_refresh:
             self._next_refresh = now + self.cfg.candidates.refresh_interval_ms * 1_000_000
         wd = self.notifier.watchdog_interval_ns if self.notifier is not None else None
@@ -135,6 +306,11 @@ class Daemon:
         if self.notifier is not None and wd and self.clock() - self._last_watchdog >= wd:
             self.notifier.watchdog()
             self._last_watchdog = self.clock()
+
+    def _refresh(self) -> None:
+        self.table.refresh()
+        if self.stuck:  # forget stuck victims that are gone at last
+            self.stuck = {key for key in self.stuck if self.table.holds(*key)}
 
     def _reopen(self) -> None:
         self.source.close()
@@ -154,10 +330,10 @@ class Daemon:
         # The most severe level that fired decides: the lowest band floor.
         event = min(events, key=lambda e: e.level.min_oom_score_adj)
         psi = self.source.read()
-        log.info("psi.event", psi_level=event.level.name, mechanism=event.mechanism,
+        log.info("psi.event", psi_level=event.level.name, mechanism=event.mechanism, kill_reason=event.kill_reason,
                  some_avg10=psi.some.avg10 if psi else None)
         if event.level.min_oom_score_adj >= NEVER_KILL_ADJ:
-            self.table.refresh()  # the low level: get the table ready for what may follow
+            self._refresh()  # the low level: get the table ready for what may follow
             return
         if event.t_ns < self._cooldown_until:
             self.stats.skipped_cooldown += 1
@@ -165,42 +341,73 @@ class Daemon:
                      remaining_ms=_ms(self._cooldown_until - event.t_ns))
             return
         min_adj = event.level.min_oom_score_adj
-        choices = self.table.recheck(self.table.rank(min_adj), self.cfg.candidates.recheck_top, min_adj)
-        if not choices:
-            # The table may predate the process that is eating memory now (started since the last
-            # refresh): pay for one refresh rather than let the kernel's OOM killer act.
-            self.table.refresh()
-            choices = self.table.recheck(self.table.rank(min_adj), self.cfg.candidates.recheck_top, min_adj)
+        choices = self._choices(min_adj)
         if not choices:
             self.stats.no_candidate += 1
-            log.warning("kill.no_candidate", psi_level=event.level.name, min_adj=min_adj, table=len(self.table))
+            log.warning("kill.no_candidate", psi_level=event.level.name, min_adj=min_adj, table=len(self.table),
+                        stuck=len(self.stuck))
             return
-        # A memory-floor event is not a stall: the PSI re-check does not apply to it.
-        if self.cfg.kill.recheck_pressure and event.mechanism != "mem_floor" and self._recovered(event, psi):
+        if self.cfg.kill.recheck_pressure and not self._still_needed(event, psi):
             self.stats.skipped_recovered += 1
             log.info("kill.skipped", reason="pressure gone while selecting the victim", psi_level=event.level.name)
             return
+        self._kill_for(event, psi, choices)
+        self._cooldown_until = self.clock() + self.cfg.kill.min_interval_ms * 1_000_000
+        self._last_kill_end = self.clock()
+        self._refresh()
+
+    def _choices(self, min_adj: int) -> list[Choice]:
+        """The ranking for a band floor: processes that appeared since the last refresh first ranked
+        in (no scan: ``CandidateTable.newcomers``), the head re-read, stuck victims left out."""
+        newcomers = self.table.newcomers(min_adj)
+        ranked = newcomers + self.table.rank(min_adj)
+        choices = self.table.recheck(ranked, self.cfg.candidates.recheck_top + len(newcomers), min_adj)
+        if self.stuck:
+            choices = [c for c in choices if (c.candidate.pid, c.candidate.start_time_ticks) not in self.stuck]
+        return choices
+
+    def _kill_for(self, event: PressureEvent, psi: Psi | None, choices: list[Choice]) -> None:
+        """Kill for one event, at most ``kill.max_attempts`` victims, and no more than it needs."""
+        reason = event.kill_reason or self._psi_reason(event)
         for rank, choice in enumerate(choices[: self.cfg.kill.max_attempts]):
             record = self.killer.kill(
-                _victim(choice), dry_run=self.dry_run, pressure=_pressure(event, psi, choice, rank)
+                _victim(choice), dry_run=self.dry_run, pressure=_pressure(event, psi, choice, rank, reason)
             )
             self._store(record)
-            if record.outcome in DONE_OUTCOMES:
-                break
-        self._cooldown_until = self.clock() + self.cfg.kill.min_interval_ms * 1_000_000
-        self.table.refresh()
+            if record.outcome in (Outcome.KILLED, Outcome.DRY_RUN):
+                return
+            if record.outcome is Outcome.EXIT_TIMEOUT:
+                c = choice.candidate
+                self.stuck.add((c.pid, c.start_time_ticks))
+                self.stats.not_responding += 1
+                log.warning("kill.not_responding", pid=c.pid, comm=c.comm, remembered=len(self.stuck))
+                if record.steps.mem_recovered_ns is not None:
+                    return  # its memory came back all the same (process_mrelease reaped it)
+                reason = "not_responding"
+            elif record.outcome is Outcome.GONE and not (event.still is not None and event.still()):
+                # It freed its memory by itself; only a precise re-check may ask for another victim.
+                log.info("kill.victim_gone", pid=choice.candidate.pid, reason="one event, one kill: wait for the next")
+                return
 
-    def _recovered(self, event: PressureEvent, at_event: Psi | None) -> bool:
-        """earlyoom's 'memory situation has recovered while selecting victim': the level's stall total
-        has not grown since the event and its avg10 is 0."""
+    def _psi_reason(self, event: PressureEvent) -> str:
+        if self._last_kill_end is not None and event.t_ns - self._last_kill_end < PRESSURE_AFTER_KILL_NS:
+            return "pressure_after_kill"
+        return f"psi_{event.level.name}"
+
+    def _still_needed(self, event: PressureEvent, at_event: Psi | None) -> bool:
+        """Re-check after choosing: the source's own precise check when it has one; for a PSI stall,
+        earlyoom's 'memory situation has recovered while selecting victim' (the level's stall total has
+        not grown since the event and its avg10 is 0)."""
+        if event.still is not None:
+            return event.still()
         now = self.source.read()
         if now is None or at_event is None:
-            return False
+            return True
         before = at_event.some if event.level.stall == "some" else at_event.full
         after = now.some if event.level.stall == "some" else now.full
         if before is None or after is None:
-            return False
-        return after.total_us == before.total_us and after.avg10 == 0.0
+            return True
+        return not (after.total_us == before.total_us and after.avg10 == 0.0)
 
     def _store(self, record: KillRecord) -> None:
         self.stats.outcomes[record.outcome.value] = self.stats.outcomes.get(record.outcome.value, 0) + 1
@@ -253,7 +460,7 @@ def _victim(choice: Choice) -> Victim:
                   oom_score_adj=c.oom_score_adj, cgroup=c.cgroup)
 
 
-def _pressure(event: PressureEvent, psi: Psi | None, choice: Choice, rank: int) -> Pressure:
+def _pressure(event: PressureEvent, psi: Psi | None, choice: Choice, rank: int, kill_reason: str) -> Pressure:
     return Pressure(
         level=event.level.name,
         source=event.source,
@@ -265,6 +472,8 @@ def _pressure(event: PressureEvent, psi: Psi | None, choice: Choice, rank: int) 
         event_ns=event.t_ns,
         rank=rank,
         reason=choice.reason,
+        kill_reason=kill_reason,
+        signals=dict(event.signals) if event.signals is not None else None,
     )
 
 

@@ -2,9 +2,12 @@
 
 The steps (all CLOCK_MONOTONIC ns, recorded in ``records.Steps``):
 
-    pidfd_open -> identity check (start time) -> sizes + MemAvailable -> [reaper thread:
+    pidfd_open -> identity check (start time) -> sizes + free memory -> [reaper thread:
     pidfd_send_signal(SIGKILL) then process_mrelease at once] -> pidfd polls readable (exit)
-    -> MemAvailable back by the victim's anonymous RSS (or a timeout)
+    -> free memory back by the victim's anonymous + shmem RSS (or a timeout)
+
+"Free memory" is ``ProcFs.free_memory_kib``: MemAvailable plus the per-CPU free lists. The record keeps
+the historical field names ``mem_available_*_kib`` for it (schema version 1).
 
 Why the reaper thread sends the signal too: process_mrelease must follow SIGKILL (before it the task is
 not dying and the call fails with EINVAL), and the later it follows, the more of the teardown the victim
@@ -46,20 +49,28 @@ from lmkd_py.syscalls import SIGKILL, Syscalls
 
 Clock = Callable[[], int]
 log = structlog.get_logger("lmkd_py.killer")
+# How long the kill waits for the reaper thread to send SIGKILL: normally microseconds; longer only
+# when the thread is stuck, and the kill must not stall the loop until the watchdog fires.
+HANDOFF_TIMEOUT_S = 1.0
 
 
 class KillTracer(Protocol):
-    """What the killer needs of the optional kernel tracer (``lmkd_py.tracing``)."""
+    """What the killer needs of the optional kernel tracer (``lmkd_py.tracing`` makes the real one);
+    the one definition of this protocol."""
 
     def before_kill(
         self, victim_pid: int, reaper_tid: int, *, rss_baseline_kib: Mapping[str, int] | None = None
-    ) -> None: ...
+    ) -> None:
+        """After the identity check, before SIGKILL. Cheap (~0.2-0.4 ms here); never raises.
+        ``rss_baseline_kib``: the victim's RSS by kind as just read, saving a /proc read."""
 
     def after_kill(
         self, victim_pid: int, reaper_tid: int, rss_before_kib: int | None, mrelease_wall_ns: int | None
-    ) -> KernelTimeline: ...
+    ) -> KernelTimeline:
+        """After the exit was observed (or timed out). Never raises for read or parse trouble."""
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Remove the instance; idempotent."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +95,7 @@ class KillOptions:
 
 @dataclass
 class _ReapJob:
-    pidfd: int
+    pidfd: int  # the job's own duplicate, closed by the reaper thread when it is done with it
     mrelease: bool
     signalled: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
@@ -112,7 +123,10 @@ class ReaperThread:
         self._ready.wait()
 
     def submit(self, pidfd: int, mrelease: bool) -> _ReapJob:
-        job = _ReapJob(pidfd=pidfd, mrelease=mrelease)
+        """Queue a kill. The job holds its own duplicate of ``pidfd``: a reaper thread that is late (stuck
+        behind a D-state victim's mmap_lock) can then never signal a pid reused since, only the victim
+        the duplicate names, however late it gets to it."""
+        job = _ReapJob(pidfd=os.dup(pidfd), mrelease=mrelease)
         self._jobs.put(job)
         return job
 
@@ -127,6 +141,7 @@ class ReaperThread:
             try:
                 self._reap(job)
             finally:
+                _close(job.pidfd)
                 job.signalled.set()
                 job.done.set()
 
@@ -171,10 +186,16 @@ class Killer:
         options: KillOptions | None = None,
         tracer: KillTracer | None = None,
         provenance: Provenance | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        wait_exit: Callable[[int, int], bool] | None = None,
     ) -> None:
         self.sys = syscalls
         self.proc = procfs or ProcFs()
         self.clock = clock
+        self.sleep = sleep
+        # (pidfd, timeout ms) -> whether the pidfd polls readable (the victim exited); a test's fake
+        # clock and exits come in here.
+        self.wait_exit = wait_exit or _poll_readable
         self.options = options or KillOptions()
         self.tracer = tracer
         self.provenance = provenance or Provenance()
@@ -263,7 +284,7 @@ class Killer:
         except (FileNotFoundError, ProcParseError) as exc:
             b.notes.append(f"status unreadable before the kill: {exc}")
         b.victim = self._describe(victim)
-        b.mem_before = self._mem_available(b)
+        b.free_before_kib = self._free_memory(b)
         b.steps["sizes_read_ns"] = self.clock()
         if dry_run:
             return self._finish(b, Outcome.DRY_RUN)
@@ -280,7 +301,15 @@ class Killer:
                                       ("shmem", v.rss_shmem_kib), ("swap", v.swap_kib)) if x is not None}
             self.tracer.before_kill(v.pid, reaper.tid, rss_baseline_kib=base or None)
         job = reaper.submit(pidfd, do_mrelease)
-        job.signalled.wait()
+        if not job.signalled.wait(timeout=HANDOFF_TIMEOUT_S):
+            # The reaper thread is stuck (e.g. in an earlier process_mrelease behind a D-state task's
+            # mmap_lock). Leave it the job (its own pidfd names the victim for good) and start a new one.
+            self._reaper = None
+            b.mrelease = Mrelease(status=MreleaseStatus.NOT_ATTEMPTED, reaper_tid=reaper.tid)
+            log.error("reap.handoff_timeout", pid=b.victim.pid, reaper_tid=reaper.tid, timeout_s=HANDOFF_TIMEOUT_S)
+            return self._finish(b, Outcome.SIGNAL_FAILED, error=(
+                f"the reaper thread (tid {reaper.tid}) did not send SIGKILL within {HANDOFF_TIMEOUT_S:g} s; "
+                "a new reaper thread takes over"))
         if job.signal_error is not None:
             exc = job.signal_error
             outcome = Outcome.GONE if exc.errno == errno.ESRCH else Outcome.SIGNAL_FAILED
@@ -295,21 +324,19 @@ class Killer:
         b.exit_timeout_ns = opts.exit_timeout_ns
         exit_deadline = job.signal_sent_ns + opts.exit_timeout_ns
         recovery_deadline: int | None = None
-        poller = select.poll()
-        poller.register(pidfd, select.POLLIN)
         interval_ms = max(1, opts.mem_poll_interval_ns // 1_000_000)
         while True:
             now = self.clock()
-            if b.steps.get("exit_observed_ns") is None and poller.poll(interval_ms):
+            if b.steps.get("exit_observed_ns") is None and self.wait_exit(pidfd, interval_ms):
                 exit_ns = self.clock()
                 b.steps["exit_observed_ns"] = exit_ns
                 recovery_deadline = exit_ns + opts.mem_recovery_timeout_ns
-            if b.steps.get("mem_recovered_ns") is None and b.mem_before is not None:
-                avail = self._mem_available(b)
-                if avail is not None and (target is None or avail - b.mem_before >= target):
+            if b.steps.get("mem_recovered_ns") is None and b.free_before_kib is not None:
+                free = self._free_memory(b)
+                if free is not None and (target is None or free - b.free_before_kib >= target):
                     b.steps["mem_recovered_ns"] = self.clock()
             exited = b.steps.get("exit_observed_ns") is not None
-            recovered = b.steps.get("mem_recovered_ns") is not None or b.mem_before is None
+            recovered = b.steps.get("mem_recovered_ns") is not None or b.free_before_kib is None
             if exited and job.done.is_set() and recovered:
                 break
             if not exited and now >= exit_deadline:
@@ -321,7 +348,7 @@ class Killer:
                 )
                 break
             if exited:
-                time.sleep(opts.mem_poll_interval_ns / 1e9)
+                self.sleep(opts.mem_poll_interval_ns / 1e9)
         job.done.wait(timeout=opts.exit_timeout_ns / 1e9)
         b.mrelease = self._mrelease_result(job, do_mrelease, reaper.tid)
         b.steps["mrelease_start_ns"] = job.mrelease_start_ns
@@ -330,7 +357,7 @@ class Killer:
             b.kernel = self.tracer.after_kill(
                 b.victim.pid, reaper.tid, b.victim.rss_kib, b.mrelease.wall_ns
             )
-        b.mem_after = self._mem_available(b)
+        b.free_after_kib = self._free_memory(b)
         if b.steps.get("exit_observed_ns") is None:
             return self._finish(
                 b,
@@ -397,24 +424,15 @@ class Killer:
         log.warning("reap.failed", errno=errno_name(err), note=note)
         return Mrelease(status=MreleaseStatus.ERROR, note=note, **common)
 
-    def _mem_available(self, b: _RecordBuilder) -> int | None:
-        """MemAvailable plus the pages on the per-CPU free lists (KiB), or None when unreadable.
-
-        MemAvailable alone misses freed pages parked on per-CPU lists: measured here, a 256 MiB kill
-        showed as little as +23 MiB in MemFree while 360 MiB sat on those lists."""
+    def _free_memory(self, b: _RecordBuilder) -> int | None:
+        """Free memory (KiB) as ``ProcFs.free_memory_kib`` counts it — MemAvailable plus the per-CPU free
+        lists, which MemAvailable misses (a 256 MiB kill showed as little as +23 MiB in MemFree while
+        360 MiB sat on those lists) — or None when unreadable (noted once)."""
         try:
-            avail = self.proc.mem_available_kib()
+            return self.proc.free_memory_kib()
         except (OSError, ProcParseError) as exc:
-            b.note_once(f"MemAvailable unreadable: {exc}")
+            b.note_once(f"free memory unreadable: {exc}")
             return None
-        if avail is None:
-            return None
-        try:
-            pcp = self.proc.pcp_free_kib()
-        except (OSError, ProcParseError) as exc:
-            b.note_once(f"per-CPU free lists unreadable (MemAvailable alone): {exc}")
-            pcp = 0
-        return avail + pcp
 
     def _finish(self, b: _RecordBuilder, outcome: Outcome, error: str | None = None) -> KillRecord:
         b.steps["end_ns"] = self.clock()
@@ -442,8 +460,8 @@ class _RecordBuilder:
         self.pressure = pressure
         self.notes = notes
         self.steps: dict[str, int | None] = {"start_ns": t_start}
-        self.mem_before: int | None = None
-        self.mem_after: int | None = None
+        self.free_before_kib: int | None = None
+        self.free_after_kib: int | None = None
         self.recovery_target: int | None = None
         self.mrelease = Mrelease(status=MreleaseStatus.NOT_ATTEMPTED)
         self.kernel: KernelTimeline | None = None
@@ -456,7 +474,7 @@ class _RecordBuilder:
     def build(self, outcome: Outcome, error: str | None, provenance: Provenance) -> KillRecord:
         steps = Steps.model_validate(self.steps)
         sent = steps.signal_sent_ns
-        mem_after = self.mem_after
+        free_after_kib = self.free_after_kib
         pressure = self.pressure
         if pressure is not None and pressure.event_ns is not None:
             decided = sent if sent is not None else steps.sizes_read_ns
@@ -470,11 +488,9 @@ class _RecordBuilder:
             victim=self.victim,
             steps=steps,
             mrelease=self.mrelease,
-            mem_available_before_kib=self.mem_before,
-            mem_available_after_kib=mem_after,
-            mem_recovered_kib=(
-                mem_after - self.mem_before if mem_after is not None and self.mem_before is not None else None
-            ),
+            mem_available_before_kib=self.free_before_kib,
+            mem_available_after_kib=free_after_kib,
+            mem_recovered_kib=_diff(free_after_kib, self.free_before_kib),
             mem_recovery_target_kib=self.recovery_target,
             kill_to_exit_ns=_diff(steps.exit_observed_ns, sent),
             kill_to_mem_recovered_ns=_diff(steps.mem_recovered_ns, sent),
@@ -497,6 +513,13 @@ def _ms(ns: int | None) -> float | None:
 
 def _err(exc: OSError) -> str:
     return f"{errno_name(exc.errno)} ({exc.strerror})"
+
+
+def _poll_readable(pidfd: int, timeout_ms: int) -> bool:
+    """Whether ``pidfd`` polls readable within ``timeout_ms``: the thread-group leader exited."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(timeout_ms))
 
 
 def _close(fd: int) -> None:

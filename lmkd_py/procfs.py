@@ -146,6 +146,7 @@ def _opt_str(v: int | str | None) -> str | None:
     return v if isinstance(v, str) else None
 
 
+CAP_KILL = 5
 CAP_IPC_LOCK = 14
 CAP_SYS_RESOURCE = 24
 
@@ -337,6 +338,15 @@ def parse_pressure(text: str) -> Psi:
     return Psi(some=lines["some"], full=lines.get("full"))
 
 
+def parse_loadavg_last_pid(text: str) -> int:
+    """The last pid allocated, from /proc/loadavg ("0.1 0.2 0.3 2/97 11537")."""
+    fields = text.split()
+    try:
+        return int(fields[4])
+    except (IndexError, ValueError):
+        raise ProcParseError(f"loadavg: no last-pid field in {text.strip()[:60]!r}") from None
+
+
 def count_maps_lines(text: str) -> int:
     """Number of VMAs in a /proc/PID/maps text."""
     return sum(1 for line in text.splitlines() if line.strip())
@@ -417,6 +427,16 @@ class ProcFs:
         if avail is None:
             return None
         return avail + self.pcp_free_kib()
+
+    def last_pid(self) -> int:
+        """The pid the kernel allocated last (the fifth field of /proc/loadavg)."""
+        return parse_loadavg_last_pid(self._read(f"{self._root}/loadavg"))
+
+    def pid_max(self) -> int:
+        try:
+            return int(self._read(f"{self._root}/sys/kernel/pid_max").strip())
+        except (OSError, ValueError):
+            return 4_194_304  # PID_MAX_LIMIT on 64-bit: an upper bound that is always safe
 
     def pressure(self, resource: str = "memory") -> Psi:
         return parse_pressure(self._read(f"{self._root}/pressure/{resource}"))

@@ -187,7 +187,8 @@ class KillRecord(_Model):
     victim: Victim
     steps: Steps
     mrelease: Mrelease
-    # MemAvailable + pages on the per-CPU free lists (which MemAvailable does not count), KiB
+    # Free memory, KiB: MemAvailable + pages on the per-CPU free lists (which MemAvailable does not count);
+    # the names are historical (schema version 1) and stay for readers of older records.
     mem_available_before_kib: int | None = None
     mem_available_after_kib: int | None = None
     mem_recovered_kib: int | None = None

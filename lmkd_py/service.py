@@ -1,40 +1,43 @@
-"""Assembly and service life: config -> parts -> Daemon; signals, SIGHUP reload, sd_notify, self-protection.
+"""Process life: config, one-instance lock, self-protection, signals, sd_notify; then ``daemon.build``.
 
-``daemon.py`` holds the loop; this module builds it (``build``), runs it as a process (``cmd_daemon``)
-and swaps a new config in atomically on SIGHUP: every new part is made first, and only when all of
-them could be made is anything replaced; a config that fails keeps the old one running.
+``daemon.py`` holds the loop and owns its parts (built whole, swapped whole on SIGHUP, closed by
+itself); this module runs it as a process (``cmd_daemon``). Every refusal at start is one line on
+stderr naming the culprit and an exit code: 2 for a bad config, 1 for anything else.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import fcntl
 import os
 import signal
 import sys
-import time
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
 import structlog
 
 from lmkd_py import log as logsetup
-from lmkd_py import provenance
-from lmkd_py.candidates import CandidateTable
-from lmkd_py.config import Config, ConfigError, Level, load_config
-from lmkd_py.daemon import Daemon, Sink
-from lmkd_py.killer import Killer, KillOptions
-from lmkd_py.policy import Rules
-from lmkd_py.procfs import ProcFs, ProcParseError, cgroup_v2_relpath
-from lmkd_py.psi import MemFloorSource, PressureSource, open_source, pressure_file
-from lmkd_py.records import RecordWriter
+from lmkd_py.config import Config, ConfigError, load_config
+from lmkd_py.daemon import build
+from lmkd_py.procfs import CAP_KILL, self_has_capability
+from lmkd_py.records import open_writer
 from lmkd_py.sdnotify import Notifier
 from lmkd_py.syscalls import LinuxSyscalls
 
 log = structlog.get_logger("lmkd_py.service")
 
-# Keys whose change needs a restart: they decide what the process watches and holds open.
-RESTART_KEYS = ("pressure.cgroup", "tracing")
+# Where the one-instance lock lives: the unit's RuntimeDirectory as root; $XDG_RUNTIME_DIR otherwise.
+# LMKD_PY_RUNTIME_DIR overrides both (a second, deliberately separate instance, e.g. in a test).
+RUNTIME_DIR_ENV = "LMKD_PY_RUNTIME_DIR"
+LOCK_NAME = "lmkd-py.lock"
+
+
+class AlreadyRunning(Exception):
+    """Another lmkd-py holds the lock; the message names its pid and the lock file."""
 
 
 def apply_overrides(cfg: Config, args: argparse.Namespace) -> Config:
@@ -53,97 +56,44 @@ def apply_overrides(cfg: Config, args: argparse.Namespace) -> Config:
     return cfg.model_copy(update=update) if update else cfg
 
 
-@dataclass
-class Assembly:
-    """How to make the config-dependent parts; used at start and again on reload."""
-
-    proc: ProcFs
-    wake_fd: int | None
-
-    def scope(self, cfg: Config) -> tuple[Path | None, str | None]:
-        scope = cfg.pressure.cgroup
-        if scope is None:
-            return None, None
-        if not (scope / "cgroup.procs").exists():
-            raise FileNotFoundError(f"pressure.cgroup {scope}: not a cgroup v2 directory (no cgroup.procs)")
-        return scope, cgroup_v2_relpath(scope, Path("/proc/self/mounts").read_text())
-
-    def rules(self, cfg: Config) -> Rules:
-        return Rules.from_config(cfg.policy, self_pids={os.getpid()}, scope_cgroup=self.scope(cfg)[1])
-
-    def source(self, cfg: Config) -> PressureSource:
-        p = cfg.pressure
-        src = open_source(p.source, pressure_file(p.cgroup), p.levels, p.poll_interval_ms * 1_000_000,
-                          wake_fd=self.wake_fd)
-        if p.mem_floor_pct is None or p.cgroup is not None:
-            return src
-        level = Level(name="mem_floor", stall="some", threshold_us=1, window_us=2_000_000,
-                      min_oom_score_adj=p.mem_floor_min_oom_score_adj)
-        return MemFloorSource(src, self.free_memory, p.mem_floor_pct, level)
-
-    def free_memory(self) -> tuple[int, int] | None:
-        """(MemAvailable + per-CPU free lists, MemTotal) in KiB, or None when unreadable."""
-        try:
-            info = self.proc.meminfo()
-            avail, total = info.get("MemAvailable"), info.get("MemTotal")
-            if avail is None or total is None:
-                return None
-            return avail + self.proc.pcp_free_kib(), total
-        except (OSError, ProcParseError):
-            return None
-
-    @staticmethod
-    def writer(cfg: Config) -> RecordWriter:
-        return RecordWriter(cfg.records_path(), cfg.records.max_bytes, cfg.records.keep, cfg.records.fsync)
+def runtime_dir() -> Path | None:
+    """The directory of the one-instance lock, or None when there is no safe one (an ordinary user
+    without $XDG_RUNTIME_DIR: a lock in a shared /tmp could be planted by anyone)."""
+    if os.environ.get(RUNTIME_DIR_ENV):
+        return Path(os.environ[RUNTIME_DIR_ENV])
+    if os.geteuid() == 0:
+        return Path("/run/lmkd-py")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(xdg) / "lmkd-py" if xdg else None
 
 
-def build(cfg: Config, *, sink: Sink, wake_fd: int | None = None, procfs: ProcFs | None = None) -> Daemon:
-    """Assemble a daemon. Raises OSError when no pressure source can be had at all."""
-    asm = Assembly(procfs or ProcFs(), wake_fd)
-    scope_dir, _ = asm.scope(cfg)
-    table = CandidateTable(asm.proc, asm.rules(cfg), scope_dir=scope_dir, clock=time.monotonic_ns)
-    killer = Killer(LinuxSyscalls(), asm.proc, options=KillOptions.from_config(cfg.kill),
-                    provenance=provenance.collect(cfg.digest()))
-    source = asm.source(cfg)
-    if cfg.tracing != "off" and not cfg.dry_run:
-        from lmkd_py.tracing import open_tracer
-
-        # The systemd unit bind-mounts tracefs read-write here (ProtectKernelTunables= makes
-        # /sys/kernel/tracing read-only) and says so in LMKD_PY_TRACEFS.
-        tracefs_env = os.environ.get("LMKD_PY_TRACEFS")
-        killer.tracer = open_tracer(cfg.tracing, tracefs_root=Path(tracefs_env) if tracefs_env else None)
-    daemon = Daemon(cfg, source=source, killer=killer, table=table, sink=sink)
-    daemon.reopen_source = lambda: asm.source(daemon.cfg)
-    return daemon
-
-
-def reconfigure(daemon: Daemon, new: Config, asm: Assembly) -> str | None:
-    """Swap ``new`` in, all or nothing. Returns None when applied, else the reason it was rejected."""
-    old = daemon.cfg
-    for key in RESTART_KEYS:
-        section, _, name = key.rpartition(".")
-        a = getattr(getattr(old, section), name) if section else getattr(old, name)
-        b = getattr(getattr(new, section), name) if section else getattr(new, name)
-        if a != b:
-            return f"{key} changed ({a!r} -> {b!r}): that needs a restart"
+@contextlib.contextmanager
+def instance_lock(directory: Path) -> Iterator[Path]:
+    """Hold ``directory/lmkd-py.lock`` (flock) for the block: two killers on one machine would kill twice
+    for one shortage. Raises AlreadyRunning naming the holder's pid. The file holds our pid; the lock,
+    not the file, is what counts, so a file left by a crash does not block a restart."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = directory / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
-        rules = asm.rules(new)
-        source = asm.source(new) if new.pressure != old.pressure else None
-        writer = asm.writer(new) if new.records != old.records else None
-    except OSError as exc:
-        return f"cannot apply: {exc}"
-    # Everything could be made: swap.
-    daemon.cfg = new
-    daemon.table.rules = rules
-    daemon.killer.options = KillOptions.from_config(new.kill)
-    daemon.killer.provenance = daemon.killer.provenance.model_copy(update={"config_hash": new.digest()})
-    if source is not None:
-        daemon.source.close()
-        daemon.source = source
-    if writer is not None:
-        daemon.sink = writer
-    daemon.table.refresh()
-    return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise AlreadyRunning(f"another lmkd-py (pid {holder}) already runs here: it holds {path}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)
+
+
+def _startup_warnings(cfg: Config) -> None:
+    """Say at start what would otherwise surface only at the first kill."""
+    if not cfg.dry_run and not self_has_capability(CAP_KILL):
+        log.warning("daemon.no_cap_kill", reason="without CAP_KILL only this user's own processes can be killed")
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
@@ -157,62 +107,60 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         from lmkd_py.observe import serve
 
         return serve(cfg, records=cfg.records.path, duration_s=args.duration, cgroup=cfg.pressure.cgroup)
+    lock_dir = None if cfg.dry_run else runtime_dir()
+    try:
+        with contextlib.ExitStack() as stack:
+            if lock_dir is not None:
+                stack.enter_context(instance_lock(lock_dir))
+            elif not cfg.dry_run:
+                log.warning("daemon.no_lock", reason="no runtime directory: a second instance would not be noticed")
+            return _serve(cfg, args)
+    except (AlreadyRunning, OSError) as exc:
+        log.error("daemon.start_failed", reason=str(exc))
+        print(f"lmkd-py: cannot start: {exc}", file=sys.stderr)
+        return 1
+
+
+def _serve(cfg: Config, args: argparse.Namespace) -> int:
     from lmkd_py.sdnotify import SdNotifier
+    from lmkd_py.tracing import TracingUnavailable
 
     notifier: Notifier = SdNotifier.from_env()
+    _startup_warnings(cfg)
     if not cfg.dry_run:
         from lmkd_py.protect import protect_self
 
         protect_self(cfg.self_protection, LinuxSyscalls())
-    writer = Assembly.writer(cfg)
+    writer = open_writer(cfg)
     rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
-    asm = Assembly(ProcFs(), rfd)
+    old_wakeup = signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
     try:
-        daemon = build(cfg, sink=writer, wake_fd=rfd, procfs=asm.proc)
-    except OSError as exc:
-        log.error("daemon.start_failed", reason=str(exc))
-        print(f"lmkd-py: cannot start: {exc}", file=sys.stderr)
-        return 1
-    daemon.notifier = notifier
-
-    def reload() -> None:
-        notifier.reloading()
         try:
-            new = apply_overrides(load_config(args.config), args)
-        except ConfigError as exc:
-            why = str(exc)
-        else:
-            why = reconfigure(daemon, new, asm) or ""
-            if not why:
-                logsetup.configure(args.log_format, new.log_level)
-                log.info("config.reloaded", config=str(args.config), config_hash=new.digest())
-        if why:
-            log.error("config.reload_rejected", config=str(args.config), reason=why,
-                      kept=daemon.cfg.digest())
-        notifier.ready(f"config {daemon.cfg.digest()}" + (" (reload rejected)" if why else ""))
+            daemon = build(cfg, sink=writer, wake_fd=rfd, notifier=notifier)
+        except TracingUnavailable as exc:
+            raise OSError(f"tracing = \"on\" but the kernel timeline is unavailable: {exc.reason}") from None
+        with daemon:
+            daemon.load_config = lambda: apply_overrides(load_config(args.config), args)
+            daemon.on_reloaded = lambda new: logsetup.configure(args.log_format, new.log_level)
 
-    daemon.reload = reload
+            def on_stop(signum: int, _frame: FrameType | None) -> None:
+                daemon.stop_requested = True
 
-    def on_stop(signum: int, _frame: FrameType | None) -> None:
-        daemon.stop_requested = True
+            def on_hup(signum: int, _frame: FrameType | None) -> None:
+                daemon.reload_requested = True
 
-    def on_hup(signum: int, _frame: FrameType | None) -> None:
-        daemon.reload_requested = True
-
-    signal.signal(signal.SIGTERM, on_stop)
-    signal.signal(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGHUP, on_hup)
-    log.info("daemon.start", records=str(writer.path), dry_run=cfg.dry_run, config=str(args.config),
-             config_hash=cfg.digest(), pid=os.getpid())
-    try:
-        duration = int(args.duration * 1e9) if args.duration is not None else None
-        return daemon.run(duration)
+            signal.signal(signal.SIGTERM, on_stop)
+            signal.signal(signal.SIGINT, on_stop)
+            signal.signal(signal.SIGHUP, on_hup)
+            log.info("daemon.start", records=str(writer.path), dry_run=cfg.dry_run, config=str(args.config),
+                     config_hash=cfg.digest(), pid=os.getpid())
+            duration = int(args.duration * 1e9) if args.duration is not None else None
+            rc = daemon.run(duration)
+            stats = getattr(daemon.sink, "stats", None)  # the sink a reload put in place, if any
+            if stats is not None and stats.dropped:
+                log.error("records.dropped_total", dropped=stats.dropped, written=stats.written)
+            return rc
     finally:
-        daemon.killer.close()
-        if daemon.killer.tracer is not None:
-            daemon.killer.tracer.close()
-        daemon.source.close()
-        stats = getattr(daemon.sink, "stats", None)
-        if stats is not None and stats.dropped:
-            log.error("records.dropped_total", dropped=stats.dropped, written=stats.written)
+        signal.set_wakeup_fd(old_wakeup)
+        os.close(rfd)
+        os.close(wfd)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
+from pathlib import Path
 
 from lmkd_py.syscalls import LinuxSyscalls
 
@@ -43,3 +45,23 @@ class ScriptedSyscalls:
     def mlockall(self, flags: int) -> None:
         self._maybe_fail("mlockall")
         self.real.mlockall(flags)
+
+
+def fake_proc(root: Path, pid: int, comm: str, rss_kib: int, *, start: int = 500, tids: Iterable[int] = (),
+              adj: int = 200) -> None:
+    """One process in a fake /proc tree under ``root`` (stat, status, cmdline, cgroup, oom_score_adj, task/)."""
+    d = root / str(pid)
+    (d / "task").mkdir(parents=True)
+    for t in (pid, *tids):
+        (d / "task" / str(t)).mkdir()
+    page_kib = os.sysconf("SC_PAGE_SIZE") // 1024
+    fields = ["S", "1", "1", "1", "0", "-1", "0"] + ["0"] * 10 + [str(1 + len(list(tids))), "0", str(start), "0",
+                                                                 str(rss_kib // page_kib)] + ["0"] * 20
+    (d / "stat").write_text(f"{pid} ({comm}) " + " ".join(fields) + "\n")
+    (d / "status").write_text(
+        f"Name:\t{comm}\nTgid:\t{pid}\nUid:\t1000\t1000\t1000\t1000\nThreads:\t{1 + len(list(tids))}\n"
+        f"VmRSS:\t{rss_kib} kB\nRssAnon:\t{rss_kib - 100} kB\nRssFile:\t100 kB\nRssShmem:\t0 kB\nVmSwap:\t0 kB\n"
+    )
+    (d / "cmdline").write_bytes(comm.encode() + b"\0--flag\0")
+    (d / "cgroup").write_text("0::/apps/x\n")
+    (d / "oom_score_adj").write_text(f"{adj}\n")

@@ -68,11 +68,11 @@ def test_unwritable_psi_file_falls_back_to_polling(tmp_path: Path) -> None:
 
 def test_service_wraps_the_system_source_with_the_memory_floor() -> None:
     from lmkd_py.config import Config, PressureConfig
+    from lmkd_py.daemon import Builder
     from lmkd_py.procfs import ProcFs
     from lmkd_py.psi import MemFloorSource
-    from lmkd_py.service import Assembly
 
-    asm = Assembly(ProcFs(), None)
+    asm = Builder(ProcFs(), None)
     src = asm.source(Config())
     try:
         assert isinstance(src, MemFloorSource) and "floor 5 %" in src.description

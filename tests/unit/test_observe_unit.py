@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from lmkd_py.procfs import ProcFs
 from lmkd_py.records import KillRecord, MreleaseStatus, Outcome, Provenance, RecordWriter, Victim, read_records
 from lmkd_py.tracing.connector import ProcExit
 from lmkd_py.tracing.ringbuf import TraceEvent
+from tests.fakes import fake_proc
 
 MS = 1_000_000
 V616 = (6, 18)
@@ -322,24 +322,6 @@ def test_parse_pidfd_fdinfo() -> None:
 
 
 # -- /proc readers on a fake tree ------------------------------------------------------------------------
-def fake_proc(root: Path, pid: int, comm: str, rss_kib: int, *, start: int = 500, tids: Iterable[int] = ()) -> None:
-    d = root / str(pid)
-    (d / "task").mkdir(parents=True)
-    for t in (pid, *tids):
-        (d / "task" / str(t)).mkdir()
-    page_kib = os.sysconf("SC_PAGE_SIZE") // 1024
-    fields = ["S", "1", "1", "1", "0", "-1", "0"] + ["0"] * 10 + [str(1 + len(list(tids))), "0", str(start), "0",
-                                                                 str(rss_kib // page_kib)] + ["0"] * 20
-    (d / "stat").write_text(f"{pid} ({comm}) " + " ".join(fields) + "\n")
-    (d / "status").write_text(
-        f"Name:\t{comm}\nTgid:\t{pid}\nUid:\t1000\t1000\t1000\t1000\nThreads:\t{1 + len(list(tids))}\n"
-        f"VmRSS:\t{rss_kib} kB\nRssAnon:\t{rss_kib - 100} kB\nRssFile:\t100 kB\nRssShmem:\t0 kB\nVmSwap:\t0 kB\n"
-    )
-    (d / "cmdline").write_bytes(comm.encode() + b"\0--flag\0")
-    (d / "cgroup").write_text("0::/apps/x\n")
-    (d / "oom_score_adj").write_text("200\n")
-
-
 def test_warm_table_and_victim_facts(tmp_path: Path) -> None:
     fake_proc(tmp_path, 10, "big", 64 * 1024, tids=(11, 12))
     fake_proc(tmp_path, 20, "small", 2 * 1024)
