@@ -97,7 +97,7 @@ def _add_observe(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from lmkd_py.lab.args import add_lab_arguments  # light: argparse, os and pathlib only
+    from lmkd_py.lab import add_lab_arguments  # the face is light: argparse, os and pathlib only
 
     p = sub.add_parser("lab", help="A/B arm64 kernels under QEMU TCG: the same victims killed on each, compared")
     add_lab_arguments(p)
@@ -146,7 +146,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         handlers["observe"] = cmd_observe
     elif args.command == "lab":
-        from lmkd_py.lab.cli import cmd_lab
+        from lmkd_py.lab import cmd_lab
 
         handlers["lab"] = cmd_lab
     elif args.command == "stress":

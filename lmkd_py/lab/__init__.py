@@ -7,3 +7,18 @@ Modules: ``apt`` (private apt configuration), ``kernels`` (SPEC resolution and I
 ``inguest`` and ``peers`` (what runs inside the guest), ``summary`` (printed text), ``cli``.
 Nothing here is imported by the daemon.
 """
+
+from __future__ import annotations
+
+import argparse
+
+from lmkd_py.lab.args import add_lab_arguments  # light: argparse, os and pathlib only
+
+__all__ = ["add_lab_arguments", "cmd_lab"]
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    """``lmkd-py lab``; QEMU, apt and image code load only when the command runs."""
+    from lmkd_py.lab.cli import cmd_lab as run
+
+    return run(args)
