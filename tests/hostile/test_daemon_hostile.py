@@ -21,7 +21,9 @@ from tests.system.test_service import NotifySocket
 V2 = Path("/sys/fs/cgroup/unified")
 
 
-def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    args: list[str], env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "lmkd_py.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
