@@ -63,8 +63,28 @@ def _open_pipe(path: Path) -> int:
     return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
 
 
-def remove_stale_instances(root: Path, log: Any) -> list[str]:
-    """Remove ``instances/lmkd-py-<pid>[-…]`` whose process is gone. Returns the names removed."""
+def _owner_alive(pid: int, created_s: float, proc_root: Path) -> bool:
+    """Whether process ``pid`` can be the one that made an instance created at ``created_s`` (wall
+    clock): it exists and started no later than that. A pid reused by a younger process is not the
+    owner (judging by /proc/PID alone kept a crashed daemon's instance for as long as its pid lived on)."""
+    try:
+        stat_text = (proc_root / str(pid) / "stat").read_text()
+        btime = next(int(line.split()[1]) for line in (proc_root / "stat").read_text().splitlines()
+                     if line.startswith("btime "))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return (proc_root / str(pid)).exists()  # cannot tell: keep it
+    fields = stat_text[stat_text.rfind(")") + 2:].split()
+    try:
+        started_s = btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (IndexError, ValueError):
+        return True
+    # Start times are whole clock ticks and btime whole seconds: allow a second of rounding.
+    return started_s <= created_s + 1.0
+
+
+def remove_stale_instances(root: Path, log: Any, proc_root: Path = Path("/proc")) -> list[str]:
+    """Remove ``instances/lmkd-py-<pid>[-…]`` whose maker is gone: no process ``pid``, or one younger
+    than the instance (tracefs stamps a directory with its creation time). Returns the names removed."""
     removed: list[str] = []
     try:
         entries = list((root / "instances").iterdir())
@@ -72,7 +92,13 @@ def remove_stale_instances(root: Path, log: Any) -> list[str]:
         return removed
     for entry in entries:
         m = _STALE_RE.fullmatch(entry.name)
-        if m is None or Path(f"/proc/{m.group(1)}").exists():
+        if m is None:
+            continue
+        try:
+            created_s = entry.stat().st_mtime
+        except OSError:
+            continue
+        if _owner_alive(int(m.group(1)), created_s, proc_root):
             continue
         try:
             entry.rmdir()

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 from structlog.testing import capture_logs
 
 from lmkd_py.killer import Killer, KillTracer
@@ -379,6 +380,35 @@ def test_stale_sweep_spares_live_pids(tracefs: Tracefs, children: Children) -> N
         assert kept.exists()
     finally:
         kept.rmdir()
+
+
+def test_stale_sweep_removes_an_instance_whose_pid_was_reused(tracefs: Tracefs, tmp_path: Path) -> None:
+    """Issue 18 item 8: /proc/PID alone is not the maker. A fake /proc gives the pid a start time after
+    the instance's creation (a younger process reusing the pid): the instance is the crashed maker's."""
+    from lmkd_py.tracing.raw import remove_stale_instances
+
+    stale = tracefs.root / "instances" / "lmkd-py-999999"
+    stale.mkdir()
+    try:
+        created = stale.stat().st_mtime
+        proc = tmp_path / "proc"
+        (proc / "999999").mkdir(parents=True)
+        ticks = os.sysconf("SC_CLK_TCK")
+        btime = int(created) - 1000
+        (proc / "stat").write_text(f"cpu 1 2 3\nbtime {btime}\n")
+
+        def started_at(wall_s: float) -> None:
+            start = int((wall_s - btime) * ticks)
+            (proc / "999999" / "stat").write_text(f"999999 (sleep) S 1 1 1 0 -1 0 {'0 ' * 12}{start} 0 0\n")
+
+        started_at(created - 50)  # older than the instance: may be its maker, kept
+        assert remove_stale_instances(tracefs.root, structlog.get_logger(), proc) == [] and stale.exists()
+        started_at(created + 50)  # younger: the pid was reused, removed
+        assert remove_stale_instances(tracefs.root, structlog.get_logger(), proc) == [stale.name]
+        assert not stale.exists()
+    finally:
+        if stale.exists():
+            stale.rmdir()
 
 
 def test_full_buffer_is_noted(tracefs: Tracefs, children: Children) -> None:
