@@ -14,6 +14,7 @@ reads only the new pids (a hog started a moment ago must not lose to an older by
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -38,8 +39,16 @@ class CandidateTable:
         *,
         scope_dir: Path | None = None,
         clock: Callable[[], int],
+        pidfd_open: Callable[[int], int] | None = None,
+        hold: int = 0,
     ) -> None:
         self.proc = procfs
+        # pidfds of the first ``hold`` candidates, opened when they are ranked (and checked against the
+        # start time just read), so the kill signals exactly the process that was ranked: a start time
+        # in clock ticks alone cannot tell a pid reused within one tick.
+        self._pidfd_open = pidfd_open
+        self._hold = hold if pidfd_open is not None else 0
+        self._held: dict[tuple[int, int], int] = {}
         self.rules = rules
         self.scope_dir = scope_dir
         self.clock = clock
@@ -74,6 +83,7 @@ class CandidateTable:
         self._newcomers = {}
         # Rank once, for every level: a level's choices are a prefix of this (band_prefix).
         self._ranked = rank_victims(fresh.values(), OOM_SCORE_ADJ_MIN + 1, self.rules)
+        self._hold_pidfds([(c.candidate.pid, c.candidate.start_time_ticks) for c in self._ranked[: self._hold]])
         self.refreshed_ns = self.clock()
         self.last_refresh_cost_ns = self.refreshed_ns - t0
 
@@ -112,6 +122,44 @@ class CandidateTable:
             ppid=st.ppid,
             kernel_thread=st.is_kernel_thread,
         )
+
+    def pidfd(self, pid: int, start_time_ticks: int) -> int | None:
+        """The pidfd held for this process since it was ranked, or None (the killer opens one then)."""
+        return self._held.get((pid, start_time_ticks))
+
+    def close(self) -> None:
+        """Close the held pidfds. The table stays usable (the next refresh holds new ones)."""
+        self._hold_pidfds([])
+
+    def _hold_pidfds(self, want: list[tuple[int, int]], *, keep_others: bool = False) -> None:
+        held: dict[tuple[int, int], int] = {}
+        for key in want:
+            fd = self._held.pop(key, None)
+            if fd is None:
+                fd = self._open_verified(*key)
+            if fd is not None:
+                held[key] = fd
+        if keep_others:
+            held.update(self._held)
+        else:
+            for fd in self._held.values():
+                os.close(fd)
+        self._held = held
+
+    def _open_verified(self, pid: int, start_time_ticks: int) -> int | None:
+        assert self._pidfd_open is not None
+        try:
+            fd = self._pidfd_open(pid)
+        except OSError:
+            return None  # gone (ESRCH), or not ours to hold: the killer opens its own then
+        try:
+            same = self.proc.stat(pid).start_time_ticks == start_time_ticks
+        except (FileNotFoundError, ProcessLookupError, ProcParseError):
+            same = False
+        if not same:
+            os.close(fd)
+            return None
+        return fd
 
     def holds(self, pid: int, start_time_ticks: int) -> bool:
         """Whether the last refresh saw this process (pid and start time)."""
@@ -172,7 +220,11 @@ class CandidateTable:
         if not self._newcomers:
             return []
         log.debug("candidates.newcomers", count=len(self._newcomers))
-        return rank_victims(self._newcomers.values(), min_adj, self.rules)
+        ranked = rank_victims(self._newcomers.values(), min_adj, self.rules)
+        if self._hold:
+            self._hold_pidfds([(c.candidate.pid, c.candidate.start_time_ticks) for c in ranked[: self._hold]],
+                              keep_others=True)
+        return ranked
 
     def rank(self, min_adj: int) -> list[Choice]:
         """The ranking of the last refresh for a level's floor: no /proc reads, no sorting."""

@@ -128,13 +128,15 @@ def build(
     all and TracingUnavailable when ``tracing = "on"`` cannot be honoured; nothing is left open then."""
     builder = Builder(procfs or ProcFs(), wake_fd)
     scope_dir, _ = builder.scope(cfg)
-    table = CandidateTable(builder.proc, builder.rules(cfg), scope_dir=scope_dir, clock=time.monotonic_ns)
     source = builder.source(cfg)
     try:
         killer = builder.killer(cfg)
     except BaseException:
         source.close()
         raise
+    hold = cfg.candidates.recheck_top + cfg.kill.max_attempts
+    table = CandidateTable(builder.proc, builder.rules(cfg), scope_dir=scope_dir, clock=time.monotonic_ns,
+                           pidfd_open=killer.sys.pidfd_open, hold=hold)
     return Daemon(cfg, source=source, killer=killer, table=table, sink=sink, notifier=notifier, builder=builder)
 
 
@@ -185,6 +187,7 @@ class Daemon:
         if self._closed:
             return
         self._closed = True
+        self.table.close()
         self.killer.close()
         if self.killer.tracer is not None:
             self.killer.tracer.close()
@@ -370,14 +373,15 @@ class Daemon:
         """Kill for one event, at most ``kill.max_attempts`` victims, and no more than it needs."""
         reason = event.kill_reason or self._psi_reason(event)
         for rank, choice in enumerate(choices[: self.cfg.kill.max_attempts]):
+            c = choice.candidate
             record = self.killer.kill(
-                _victim(choice), dry_run=self.dry_run, pressure=_pressure(event, psi, choice, rank, reason)
+                _victim(choice), dry_run=self.dry_run, pressure=_pressure(event, psi, choice, rank, reason),
+                pidfd=self.table.pidfd(c.pid, c.start_time_ticks),
             )
             self._store(record)
             if record.outcome in (Outcome.KILLED, Outcome.DRY_RUN):
                 return
             if record.outcome is Outcome.EXIT_TIMEOUT:
-                c = choice.candidate
                 self.stuck.add((c.pid, c.start_time_ticks))
                 self.stats.not_responding += 1
                 log.warning("kill.not_responding", pid=c.pid, comm=c.comm, remembered=len(self.stuck))

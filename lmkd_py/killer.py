@@ -240,11 +240,14 @@ class Killer:
         *,
         dry_run: bool = False,
         pressure: Pressure | None = None,
+        pidfd: int | None = None,
     ) -> KillRecord:
         """Kill ``expected.pid`` if it is still the process ``expected`` describes.
 
         ``expected.start_time_ticks`` is the identity: when None the process found now is taken as is
-        (the CLI's "kill this pid now"). Returns the record; never raises for kill failures.
+        (the CLI's "kill this pid now"). ``pidfd``: one held since the victim was ranked (the candidate
+        table's); the kill works on a duplicate and leaves it open. Returns the record; never raises
+        for kill failures.
         """
         t_start = self.clock()
         notes: list[str] = []
@@ -252,7 +255,7 @@ class Killer:
         # 1. pidfd first, then the identity check: once the pidfd is open it names one process for
         #    good, so a start time read after opening it that matches proves the pidfd is our victim.
         try:
-            pidfd = self.sys.pidfd_open(expected.pid, 0)
+            pidfd = os.dup(pidfd) if pidfd is not None else self.sys.pidfd_open(expected.pid, 0)
         except OSError as exc:
             outcome = Outcome.GONE if exc.errno == errno.ESRCH else Outcome.SIGNAL_FAILED
             return self._finish(b, outcome, error=f"pidfd_open: {_err(exc)}")

@@ -71,7 +71,8 @@ def daemon_for(cg: object, *, exit_timeout_ms: int = 5000, mrelease: bool = True
     assert isinstance(cg, PressureCgroup)
     rel = cgroup_v2_relpath(cg.v2_path, Path("/proc/self/mounts").read_text())
     rules = Rules(scope_cgroup=rel, self_pids=frozenset({os.getpid()}))
-    table = CandidateTable(ProcFs(), rules, scope_dir=cg.v2_path, clock=time.monotonic_ns)
+    table = CandidateTable(ProcFs(), rules, scope_dir=cg.v2_path, clock=time.monotonic_ns,
+                           pidfd_open=LinuxSyscalls().pidfd_open, hold=4)
     cfg = Config(kill=KillConfig(exit_timeout_ms=exit_timeout_ms, mrelease=mrelease, recheck_pressure=False,
                                  min_interval_ms=0))
     killer = Killer(LinuxSyscalls(), ProcFs(), options=KillOptions.from_config(cfg.kill))
@@ -90,6 +91,7 @@ def test_a_hog_started_after_the_refresh_is_killed_not_the_older_bystander(scope
     with d:
         d.table.refresh()
         assert [c.candidate.pid for c in d.table.rank(0)] == [bystander.pid]
+        assert d.table.pidfd(bystander.pid, d.table.rank(0)[0].candidate.start_time_ticks) is not None
         hog = spawn_victim(VictimSpec(size_mib=16, adj=900), scope)
         hog.wait_ready()
         d.handle([event()])

@@ -76,6 +76,12 @@ class Table:
 
         return rank_victims(self.new, min_adj, Rules())
 
+    def pidfd(self, pid: int, start_time_ticks: int) -> int | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
     def holds(self, pid: int, start_time_ticks: int) -> bool:
         return any(c.pid == pid and c.start_time_ticks == start_time_ticks for c in self.cands + self.new)
 
@@ -91,7 +97,9 @@ class FakeKiller:
         self.killed: list[int] = []
         self.tracer = None
 
-    def kill(self, expected: Victim, *, dry_run: bool = False, pressure: Pressure | None = None) -> KillRecord:
+    def kill(
+        self, expected: Victim, *, dry_run: bool = False, pressure: Pressure | None = None, pidfd: int | None = None
+    ) -> KillRecord:
         start = self.clock.t
         self.clock.t += self.kill_ns
         self.killed.append(expected.pid)
@@ -190,7 +198,7 @@ def test_a_stuck_victim_whose_memory_came_back_ends_the_event() -> None:
     d, (clock, _src, _t, killer, _sink) = make()
 
     def timed_out_but_reaped(
-        expected: Victim, *, dry_run: bool = False, pressure: Pressure | None = None
+        expected: Victim, *, dry_run: bool = False, pressure: Pressure | None = None, pidfd: int | None = None
     ) -> KillRecord:
         killer.killed.append(expected.pid)
         return KillRecord(record_id="x", wall_time="t", outcome=Outcome.EXIT_TIMEOUT, victim=expected,
@@ -438,3 +446,41 @@ def test_reload_without_a_builder_is_rejected_not_half_applied() -> None:
     old = d.cfg
     assert d.reload(Config(kill=KillConfig(min_interval_ms=5))) is not None
     assert d.cfg is old
+
+
+def test_the_table_holds_pidfds_of_its_top_candidates(tmp_path: Any) -> None:
+    """Issue 18 item 8: pidfds opened when ranked, checked against the start time just read, closed
+    when the candidate leaves the top or the table closes."""
+    import os
+
+    from lmkd_py.candidates import CandidateTable
+    from lmkd_py.policy import Rules
+    from lmkd_py.procfs import ProcFs
+    from tests.fakes import fake_proc
+
+    for pid, rss, adj in ((10, 50_000, 900), (11, 90_000, 900), (12, 70_000, 100)):
+        fake_proc(tmp_path, pid, f"p{pid}", rss, start=500, adj=adj)
+    (tmp_path / "meminfo").write_text("MemTotal: 100 kB\nSwapTotal: 0 kB\n")
+    (tmp_path / "loadavg").write_text("0 0 0 1/1 12\n")
+    opened: list[int] = []
+
+    def pidfd_open(pid: int) -> int:
+        if pid == 10:  # the process changed between the read and the open: its start time differs now
+            fake_proc(tmp_path / "x", 10, "p10", 1, start=501)
+            (tmp_path / "10" / "stat").write_text((tmp_path / "x" / "10" / "stat").read_text())
+        fd = os.open("/dev/null", os.O_RDONLY)
+        opened.append(fd)
+        return fd
+
+    table = CandidateTable(ProcFs(tmp_path), Rules(), clock=lambda: 0, pidfd_open=pidfd_open, hold=2)
+    table.refresh()
+    assert table.pidfd(11, 500) is not None
+    assert table.pidfd(10, 500) is None, "a pidfd whose process changed under it is not held"
+    assert table.pidfd(12, 500) is None, "only the top two"
+    table.close()
+    for fd in opened:
+        try:
+            os.fstat(fd)
+        except OSError:
+            continue
+        raise AssertionError(f"fd {fd} left open")
