@@ -11,3 +11,17 @@ bench:
 	$(PY) benchmarks/tracing_overhead.py
 	$(PY) benchmarks/report_scale.py
 	test ! -f benchmarks/observe_overhead.py || $(PY) benchmarks/observe_overhead.py
+
+# The same scripts at their smallest size, a few seconds each: they still run (what CI checks, through
+# tests/system/test_benchmarks_smoke.py). Their figures are not results.
+.PHONY: bench-smoke
+bench-smoke:
+	$(PY) benchmarks/kill_path.py --smoke
+	$(PY) benchmarks/kill_path.py --smoke --starve
+	$(PY) benchmarks/decision_latency.py --smoke
+	$(PY) benchmarks/footprint.py --smoke
+	$(PY) benchmarks/reap_curve.py --smoke
+	$(PY) benchmarks/episode.py --smoke
+	$(PY) benchmarks/tracing_overhead.py --smoke
+	$(PY) benchmarks/report_scale.py --smoke
+	$(PY) benchmarks/observe_overhead.py --smoke

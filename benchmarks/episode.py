@@ -1,13 +1,13 @@
 """End-to-end pressure episode in a memcg: lmkd-py vs no daemon (the kernel's memcg OOM killer).
 
-    python benchmarks/episode.py [--limit-mib 384] [--file-mib 256] [--runs 1]
+    python benchmarks/episode.py [--limit-mib 384] [--file-mib 256] [--runs 1] [--cgroup-prefix P] [--smoke]
 
 Each run, per mode, in a fresh memcg (v1 limit + v2 cgroup for PSI): a file-thrashing process keeps a
 page-cache working set; a "grower" (oom_score_adj 900) allocates 8 MiB every 100 ms towards 2 GiB, so the
 cgroup runs out of memory. Mode "lmkd-py" runs the daemon scoped to the cgroup; mode "none" leaves it to
 the kernel. Prints, per mode: time from the grower's start to its death, PSI some/full stall accumulated
 in the cgroup over the episode, the kernel OOM kills, and who died. Needs root. Kills only what it
-started; removes its cgroups.
+started; removes its cgroups (named ``--cgroup-prefix`` + a random suffix).
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ import time
 import uuid
 from pathlib import Path
 
+from _bench import broken, parse_args  # benchmarks/ is on sys.path when run as a script
+
+from lmkd_py import log as logsetup
 from lmkd_py.procfs import parse_pressure
 from lmkd_py.stress import PressureCgroup, start_thrasher
 
@@ -61,8 +64,8 @@ def psi_totals(cg: PressureCgroup) -> tuple[int, int]:
     return p.some.total_us, p.full.total_us if p.full else 0
 
 
-def episode(mode: str, limit_mib: int, file_mib: int, workdir: Path) -> dict[str, object]:
-    with contextlib.ExitStack() as stack, PressureCgroup(f"lmkd-py-bench-{uuid.uuid4().hex[:8]}",
+def episode(mode: str, limit_mib: int, file_mib: int, workdir: Path, prefix: str) -> dict[str, object]:
+    with contextlib.ExitStack() as stack, PressureCgroup(f"{prefix}{uuid.uuid4().hex[:8]}",
                                                           limit_mib=limit_mib) as cg:
         thrasher = start_thrasher(cg, file_mib=file_mib, workdir=workdir)
         daemon = None
@@ -117,12 +120,17 @@ def main() -> None:
     ap.add_argument("--file-mib", type=int, default=256)
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--cgroup-prefix", default="lmkd-py-bench-", help="name prefix of the cgroups it makes")
+    args = parse_args(ap, smoke={"limit_mib": 192, "file_mib": 96})
+    logsetup.configure("console", "warning")
     rows = []
     with tempfile.TemporaryDirectory(prefix="lmkd-py-episode-", dir="/var/tmp") as tmp:
         for _ in range(args.runs):
             for mode in ("lmkd-py", "none"):
-                rows.append(episode(mode, args.limit_mib, args.file_mib, Path(tmp)))
+                rows.append(episode(mode, args.limit_mib, args.file_mib, Path(tmp), args.cgroup_prefix))
+    dead = [r for r in rows if r["grower_dead_after_s"] is None]
+    if dead:
+        broken(f"the grower outlived a {args.limit_mib} MiB memcg in mode(s) {[r['mode'] for r in dead]}")
     if args.json:
         print(json.dumps(rows, indent=2))
         return

@@ -1,6 +1,6 @@
 """Kill path with vs without process_mrelease, alternating in one run on equal victims.
 
-    python benchmarks/kill_path.py [--kills 20] [--size-mib 256] [--starve]
+    python benchmarks/kill_path.py [--kills 20] [--size-mib 256] [--starve] [--smoke]
 
 Prints the median kill->exit and kill->memory-back of each mode and their ratio. Needs permission to
 kill its own children only (no root needed). Never fails on a time.
@@ -18,10 +18,12 @@ import os
 import subprocess
 import sys
 
-from _victims import med, one_kill  # benchmarks/ is on sys.path when run as a script
+from _bench import broken, parse_args  # benchmarks/ is on sys.path when run as a script
+from _victims import med, one_kill
 
 from lmkd_py import log as logsetup
 from lmkd_py.killer import Killer, KillOptions
+from lmkd_py.procfs import ProcFs
 from lmkd_py.records import KillRecord, Outcome
 from lmkd_py.syscalls import LinuxSyscalls
 
@@ -33,12 +35,12 @@ def main() -> None:
     ap.add_argument("--kills", type=int, default=20, help="kills per mode")
     ap.add_argument("--size-mib", type=int, default=256)
     ap.add_argument("--starve", action="store_true", help="victims at nice 19 on a CPU a hog keeps busy")
-    args = ap.parse_args()
+    args = parse_args(ap, smoke={"kills": 2, "size_mib": 16})
     logsetup.configure("console", "warning")
     syscalls = LinuxSyscalls()
     killers = {
-        "mrelease": Killer(syscalls, options=KillOptions(mrelease=True)),
-        "kill-only": Killer(syscalls, options=KillOptions(mrelease=False)),
+        "mrelease": Killer(syscalls, ProcFs(), options=KillOptions(mrelease=True)),
+        "kill-only": Killer(syscalls, ProcFs(), options=KillOptions(mrelease=False)),
     }
     results: dict[str, list[KillRecord]] = {k: [] for k in killers}
     cpus = sorted(os.sched_getaffinity(0))
@@ -52,12 +54,17 @@ def main() -> None:
             rec = one_kill(killers[mode], args.size_mib, cpu)
             if rec.outcome is Outcome.KILLED:
                 results[mode].append(rec)
+            else:
+                print(f"  ({mode}: {rec.outcome.value}: {rec.error})")
     finally:
         if hog is not None:
             hog.kill()
             hog.wait()
         for k in killers.values():
             k.close()
+    for mode, recs in results.items():
+        if not recs:
+            broken(f"no kill succeeded in mode {mode}")
     where = f", victims starved on CPU {cpu} (nice 19 vs a busy nice-0 hog)" if cpu is not None else ", idle machine"
     print(f"kill path, {args.kills} x {args.size_mib} MiB anonymous victims per mode, alternating{where}")
     print(f"{'mode':<10} {'n':>3} {'kill->exit ms':>14} {'kill->mem back ms':>18} {'mrelease wall ms':>17}")

@@ -1,6 +1,6 @@
 """What leaving ``lmkd-py observe`` on costs: a fork/exit-heavy load with observe on and off, alternating.
 
-    sudo python benchmarks/observe_overhead.py [--rounds 10] [--forks 2000] [--spawns 1000] [--kills 20]
+    sudo python benchmarks/observe_overhead.py [--rounds 10] [--forks 2000] [--spawns 1000] [--kills 20] [--smoke]
 
 Each round runs one load process (``--forks`` x ``os.fork()`` + ``_exit`` + ``waitpid``, then ``--spawns``
 x fork + exec of ``/bin/true``; every exit fires ``sched_process_exit`` and ``exit_mmap``, every exec one
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -27,6 +28,8 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+
+from _bench import parse_args  # benchmarks/ is on sys.path when run as a script
 
 LOAD = textwrap.dedent(
     """
@@ -147,11 +150,10 @@ class ThreadObserver:
         self._thread.join(30)
 
 
-def syscall_cost(rounds: int, n: int) -> dict[str, float]:
+def syscall_cost(rounds: int, n: int, tmp: Path) -> dict[str, float]:
     """Median ns per ``os.getppid()`` (a trivial syscall, plus Python's ~0.3 us around it) with no
     observer, with ``lmkd-py observe``, and with an observer that leaves the syscall events off."""
     out: dict[str, list[float]] = {"off": [], "on": [], "on, no mrelease tracing": []}
-    tmp = Path(tempfile.mkdtemp(prefix="lmkd-py-observe-bench-"))
 
     def one() -> float:
         r = subprocess.run([sys.executable, "-c", SYSCALLS, str(n)], capture_output=True, text=True, check=True)
@@ -180,7 +182,9 @@ def main() -> int:
     ap.add_argument("--idle-s", type=float, default=5.0)
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--syscall-rounds", type=int, default=5)
-    args = ap.parse_args()
+    ap.add_argument("--syscall-calls", type=int, default=300_000, help="getppid() calls per measurement")
+    args = parse_args(ap, smoke={"rounds": 1, "forks": 200, "spawns": 40, "idle_s": 1.0, "kills": 1,
+                                 "syscall_rounds": 1, "syscall_calls": 30_000})
     if os.geteuid() != 0:
         print("needs root (tracefs)", file=sys.stderr)
         return 2
@@ -188,6 +192,13 @@ def main() -> int:
 
     logsetup.configure("console", "warning")  # the in-process observer of syscall_cost()
     tmp = Path(tempfile.mkdtemp(prefix="lmkd-py-observe-bench-"))
+    try:
+        return measure(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def measure(args: argparse.Namespace, tmp: Path) -> int:
     times: dict[str, list[float]] = {"off": [], "on": []}
     cpus: dict[str, list[float]] = {"off": [], "on": []}
     obs_cpu: list[float] = []
@@ -235,7 +246,7 @@ def main() -> int:
               " + any other SIGKILLs on the machine)")
     sys_ns: dict[str, float] = {}
     if args.syscall_rounds:
-        sys_ns = syscall_cost(args.syscall_rounds, 300_000)
+        sys_ns = syscall_cost(args.syscall_rounds, args.syscall_calls, tmp)
         print("  ns per getppid() from Python (syscall-tracing slow path): "
               + ", ".join(f"{k} {v:.0f}" for k, v in sys_ns.items())
               + f"; added by observe: {sys_ns['on'] - sys_ns['off']:.0f} ns,"

@@ -1,6 +1,6 @@
 """Reap time vs victim size and VMA count: where the teardown order can matter.
 
-    python benchmarks/reap_curve.py [--sizes 64 256 1024] [--vmas 1 64 4096] [--kills 5] [--tracing auto]
+    python benchmarks/reap_curve.py [--sizes 64 256 1024] [--vmas 1 64 4096] [--kills 5] [--tracing auto] [--smoke]
 
 For each (size, VMA count) it starts equal stress victims (anonymous, fully touched, 2 threads), kills
 each with lmkd-py's kill path (SIGKILL + process_mrelease on the reaper thread) and prints medians of
@@ -14,8 +14,11 @@ import argparse
 import statistics
 from collections.abc import Callable
 
+from _bench import broken, parse_args  # benchmarks/ is on sys.path when run as a script
+
 from lmkd_py import log as logsetup
 from lmkd_py.killer import Killer
+from lmkd_py.procfs import ProcFs
 from lmkd_py.records import KillRecord, Outcome
 from lmkd_py.stress import VictimSpec, spawn_victim
 from lmkd_py.syscalls import LinuxSyscalls
@@ -33,9 +36,9 @@ def main() -> None:
     ap.add_argument("--kills", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tracing", choices=["auto", "on", "off"], default="auto")
-    args = ap.parse_args()
+    args = parse_args(ap, smoke={"sizes": [16], "vmas": [1, 64], "kills": 1})
     logsetup.configure("console", "error")
-    killer = Killer(LinuxSyscalls())
+    killer = Killer(LinuxSyscalls(), ProcFs())
     tracer = None
     if args.tracing != "off":
         from lmkd_py.tracing import open_tracer
@@ -45,6 +48,7 @@ def main() -> None:
     print(f"{args.kills} kills per cell, anonymous memory, {args.threads} threads per victim; medians in ms")
     print(f"{'size MiB':>8} {'VMAs':>6} {'n':>3} {'mrelease':>8} {'kill->exit':>10} {'reaper':>8} {'exit_mmap':>9} "
           f"{'sum':>8}")
+    killed = 0
     try:
         for size in args.sizes:
             for vmas in args.vmas:
@@ -58,6 +62,9 @@ def main() -> None:
                         v.kill()
                     if rec.outcome is Outcome.KILLED:
                         recs.append(rec)
+                    else:
+                        print(f"  ({rec.outcome.value}: {rec.error})")
+                killed += len(recs)
                 print(f"{size:>8} {vmas:>6} {len(recs):>3} {med_ms(recs, lambda r: r.mrelease.wall_ns)} "
                       f"{med_ms(recs, lambda r: r.kill_to_exit_ns):>10} "
                       f"{med_ms(recs, lambda r: r.kernel.reaper_work_ns if r.kernel else None)} "
@@ -67,6 +74,8 @@ def main() -> None:
         killer.close()
         if tracer is not None:
             tracer.close()
+    if not killed:
+        broken("no kill succeeded")
 
 
 if __name__ == "__main__":

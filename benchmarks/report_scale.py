@@ -5,7 +5,7 @@ then, each size in a fresh interpreter so peak RSS belongs to that size alone, t
 load (read + validate every line into columns), report (per-group summaries + table), and compare
 (two halves, B planted 10 % slower: bootstraps, Mann-Whitney, KS). Prints figures; asserts nothing.
 
-    .venv/bin/python benchmarks/report_scale.py [--sizes 10000,100000,1000000] [--resamples 2000]
+    .venv/bin/python benchmarks/report_scale.py [--sizes 10000,100000,1000000] [--resamples 2000] [--smoke]
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _bench import broken, parse_args  # benchmarks/ is on sys.path when run as a script
 
 from lmkd_py.report.synth import SynthSpec, synthetic_lines
 
@@ -92,7 +94,7 @@ def main() -> None:
     ap.add_argument("--resamples", type=int, default=2000)
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = parse_args(ap, smoke={"sizes": "1000", "resamples": 200})
     if args.one is not None:
         print(json.dumps(one(args.one, args.dir, args.resamples)))
         return
@@ -105,10 +107,11 @@ def main() -> None:
         for n in sizes:
             proc = subprocess.run(
                 [sys.executable, __file__, "--one", str(n), "--dir", tmp, "--resamples", str(args.resamples)],
-                check=True,
                 capture_output=True,
                 text=True,
             )
+            if proc.returncode != 0:
+                broken(f"measuring {n} records failed (rc {proc.returncode}): {proc.stderr[-2000:]}")
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             print(
                 f"{r['records']:>9} {r['file_mib']:>9} {r['load_s']:>8} {r['report_s']:>9} {r['compare_s']:>10} "

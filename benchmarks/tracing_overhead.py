@@ -1,6 +1,6 @@
 """What the kernel timeline (lmkd_py.tracing) costs: kills with tracing on and off, alternating.
 
-    sudo python benchmarks/tracing_overhead.py [--kills 10] [--size-mib 256] [--no-idle]
+    sudo python benchmarks/tracing_overhead.py [--kills 10] [--size-mib 256] [--no-idle] [--smoke]
 
 Prints, per mode, the median kill->exit and kill->MemAvailable-back of equal victims killed by the real
 Killer (SIGKILL + process_mrelease on its reaper thread), the ratio tracing / no tracing (target: at
@@ -20,10 +20,12 @@ import subprocess
 import sys
 from collections.abc import Callable
 
-from _victims import med, one_kill  # benchmarks/ is on sys.path when run as a script
+from _bench import broken, parse_args  # benchmarks/ is on sys.path when run as a script
+from _victims import med, one_kill
 
 from lmkd_py import log as logsetup
 from lmkd_py.killer import Killer
+from lmkd_py.procfs import ProcFs
 from lmkd_py.records import KillRecord, Outcome
 from lmkd_py.syscalls import LinuxSyscalls
 from lmkd_py.tracing import TracefsTracer, TracingUnavailable, open_tracer
@@ -51,13 +53,14 @@ def fmt(v: float | None, digits: int = 2) -> str:
 
 
 def fault_ns(size_mib: int) -> int:
-    out = subprocess.run([sys.executable, "-c", FAULTER, str(size_mib), "3"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", FAULTER, str(size_mib), "3"], capture_output=True, text=True,
+                         check=True)
     return int(out.stdout.strip())
 
 
 def kills(tracer: TracefsTracer, n: int, size_mib: int) -> None:
     syscalls = LinuxSyscalls()
-    killers = {"tracing": Killer(syscalls, tracer=tracer), "no tracing": Killer(syscalls)}
+    killers = {"tracing": Killer(syscalls, ProcFs(), tracer=tracer), "no tracing": Killer(syscalls, ProcFs())}
     results: dict[str, list[KillRecord]] = {k: [] for k in killers}
     before_ns: list[int] = []
     after_ns: list[int] = []
@@ -73,6 +76,9 @@ def kills(tracer: TracefsTracer, n: int, size_mib: int) -> None:
             after_ns.append(tracer.last_after_kill_ns)
     for k in killers.values():
         k.close()
+    for mode, recs in results.items():
+        if not recs:
+            broken(f"no kill succeeded in mode {mode}")
 
     print(f"kill path, {n} x {size_mib} MiB victims per mode, alternating (real Killer, process_mrelease on)")
     print(f"{'mode':<11} {'n':>3} {'kill->exit ms':>14} {'kill->mem back ms':>18} {'mrelease wall ms':>17}")
@@ -137,13 +143,12 @@ def main() -> None:
     ap.add_argument("--size-mib", type=int, default=256)
     ap.add_argument("--no-idle", action="store_true", help="skip the idle (page fault) measurement")
     ap.add_argument("--idle-rounds", type=int, default=5)
-    args = ap.parse_args()
+    args = parse_args(ap, smoke={"kills": 2, "size_mib": 16, "idle_rounds": 1})
     logsetup.configure("console", "warning")
     try:
         tracer = open_tracer("on")
     except TracingUnavailable as exc:
-        print(f"tracing unavailable here: {exc.reason}")
-        raise SystemExit(1) from None
+        broken(f"tracing unavailable here: {exc.reason}")
     assert isinstance(tracer, TracefsTracer)
     try:
         kills(tracer, args.kills, args.size_mib)
