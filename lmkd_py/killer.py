@@ -1,4 +1,4 @@
-"""One kill as a sequence of timestamped steps, and the reaper thread that makes it.
+"""One kill as a sequence of timestamped steps (the reaper thread that signals and reaps: ``reaper.py``).
 
 The steps (all CLOCK_MONOTONIC ns, recorded in ``records.Steps``):
 
@@ -8,31 +8,25 @@ The steps (all CLOCK_MONOTONIC ns, recorded in ``records.Steps``):
 
 "Free memory" is ``ProcFs.free_memory_kib``: MemAvailable plus the per-CPU free lists. The record keeps
 the historical field names ``mem_available_*_kib`` for it (schema version 1).
-
-Why the reaper thread sends the signal too: process_mrelease must follow SIGKILL (before it the task is
-not dying and the call fails with EINVAL), and the later it follows, the more of the teardown the victim
-has done alone; Android lmkd's reaper threads do the same. The thread is long-lived so its tid is known
-before the kill (tracing narrows its events to the victim and this tid).
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import queue
-import select
-import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
 import structlog
 
+from lmkd_py import reaper as reaper_mod
 from lmkd_py.config import KillConfig
 from lmkd_py.procfs import ProcFs, ProcParseError, cgroup_v2_path
+from lmkd_py.reaper import ReaperThread, ReapJob, poll_readable
 from lmkd_py.records import (
     KernelTimeline,
     KillRecord,
@@ -45,13 +39,10 @@ from lmkd_py.records import (
     Victim,
     errno_name,
 )
-from lmkd_py.syscalls import SIGKILL, Syscalls
+from lmkd_py.syscalls import Syscalls
 
 Clock = Callable[[], int]
 log = structlog.get_logger("lmkd_py.killer")
-# How long the kill waits for the reaper thread to send SIGKILL: normally microseconds; longer only
-# when the thread is stuck, and the kill must not stall the loop until the watchdog fires.
-HANDOFF_TIMEOUT_S = 1.0
 
 
 class KillTracer(Protocol):
@@ -93,86 +84,6 @@ class KillOptions:
         )
 
 
-@dataclass
-class _ReapJob:
-    pidfd: int  # the job's own duplicate, closed by the reaper thread when it is done with it
-    mrelease: bool
-    signalled: threading.Event = field(default_factory=threading.Event)
-    done: threading.Event = field(default_factory=threading.Event)
-    signal_error: OSError | None = None
-    signal_sent_ns: int | None = None
-    mrelease_start_ns: int | None = None
-    mrelease_end_ns: int | None = None
-    mrelease_ret: int | None = None
-    mrelease_errno: int | None = None
-    thread_cpu_ns: int | None = None
-    retries: int = 0
-
-
-class ReaperThread:
-    """A long-lived thread that sends SIGKILL through a pidfd and at once calls process_mrelease."""
-
-    def __init__(self, syscalls: Syscalls, clock: Clock) -> None:
-        self._sys = syscalls
-        self._clock = clock
-        self._jobs: queue.SimpleQueue[_ReapJob | None] = queue.SimpleQueue()
-        self._ready = threading.Event()
-        self.tid: int = 0
-        self._thread = threading.Thread(target=self._run, name="lmkd-reaper", daemon=True)
-        self._thread.start()
-        self._ready.wait()
-
-    def submit(self, pidfd: int, mrelease: bool) -> _ReapJob:
-        """Queue a kill. The job holds its own duplicate of ``pidfd``: a reaper thread that is late (stuck
-        behind a D-state victim's mmap_lock) can then never signal a pid reused since, only the victim
-        the duplicate names, however late it gets to it."""
-        job = _ReapJob(pidfd=os.dup(pidfd), mrelease=mrelease)
-        self._jobs.put(job)
-        return job
-
-    def stop(self) -> None:
-        self._jobs.put(None)
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        self.tid = threading.get_native_id()
-        self._ready.set()
-        while (job := self._jobs.get()) is not None:
-            try:
-                self._reap(job)
-            finally:
-                _close(job.pidfd)
-                job.signalled.set()
-                job.done.set()
-
-    def _reap(self, job: _ReapJob) -> None:
-        try:
-            self._sys.pidfd_send_signal(job.pidfd, SIGKILL)
-        except OSError as exc:
-            job.signal_error = exc
-            return
-        job.signal_sent_ns = self._clock()
-        job.signalled.set()
-        if not job.mrelease:
-            return
-        cpu0 = time.clock_gettime_ns(time.CLOCK_THREAD_CPUTIME_ID)
-        job.mrelease_start_ns = self._clock()
-        for attempt in range(2):
-            try:
-                job.mrelease_ret = self._sys.process_mrelease(job.pidfd, 0)
-                job.mrelease_errno = None
-                break
-            except OSError as exc:
-                job.mrelease_errno = exc.errno
-                # EINTR (signal while taking mmap_lock) and EAGAIN (MMU-notifier refusal) are transient:
-                # one more try, then leave the rest to the victim's own exit.
-                if exc.errno not in (errno.EINTR, errno.EAGAIN) or attempt:
-                    break
-                job.retries += 1
-        job.mrelease_end_ns = self._clock()
-        job.thread_cpu_ns = time.clock_gettime_ns(time.CLOCK_THREAD_CPUTIME_ID) - cpu0
-
-
 class Killer:
     """Makes kills and returns one KillRecord for each attempt. Never raises for a kill that failed:
     the record says what happened. Not thread-safe: one kill at a time (the daemon's rule too)."""
@@ -195,7 +106,7 @@ class Killer:
         self.sleep = sleep
         # (pidfd, timeout ms) -> whether the pidfd polls readable (the victim exited); a test's fake
         # clock and exits come in here.
-        self.wait_exit = wait_exit or _poll_readable
+        self.wait_exit = wait_exit or poll_readable
         self.options = options or KillOptions()
         self.tracer = tracer
         self.provenance = provenance or Provenance()
@@ -304,14 +215,15 @@ class Killer:
                                       ("shmem", v.rss_shmem_kib), ("swap", v.swap_kib)) if x is not None}
             self.tracer.before_kill(v.pid, reaper.tid, rss_baseline_kib=base or None)
         job = reaper.submit(pidfd, do_mrelease)
-        if not job.signalled.wait(timeout=HANDOFF_TIMEOUT_S):
+        handoff_s = reaper_mod.HANDOFF_TIMEOUT_S
+        if not job.signalled.wait(timeout=handoff_s):
             # The reaper thread is stuck (e.g. in an earlier process_mrelease behind a D-state task's
             # mmap_lock). Leave it the job (its own pidfd names the victim for good) and start a new one.
             self._reaper = None
             b.mrelease = Mrelease(status=MreleaseStatus.NOT_ATTEMPTED, reaper_tid=reaper.tid)
-            log.error("reap.handoff_timeout", pid=b.victim.pid, reaper_tid=reaper.tid, timeout_s=HANDOFF_TIMEOUT_S)
+            log.error("reap.handoff_timeout", pid=b.victim.pid, reaper_tid=reaper.tid, timeout_s=handoff_s)
             return self._finish(b, Outcome.SIGNAL_FAILED, error=(
-                f"the reaper thread (tid {reaper.tid}) did not send SIGKILL within {HANDOFF_TIMEOUT_S:g} s; "
+                f"the reaper thread (tid {reaper.tid}) did not send SIGKILL within {handoff_s:g} s; "
                 "a new reaper thread takes over"))
         if job.signal_error is not None:
             exc = job.signal_error
@@ -377,7 +289,7 @@ class Killer:
         target = int(freeable * self.options.mem_recovery_fraction)
         return target if target >= 1024 else None
 
-    def _mrelease_result(self, job: _ReapJob, attempted: bool, tid: int) -> Mrelease:
+    def _mrelease_result(self, job: ReapJob, attempted: bool, tid: int) -> Mrelease:
         if not attempted:
             if not self.options.mrelease:
                 return Mrelease(status=MreleaseStatus.DISABLED, reaper_tid=tid)
@@ -516,13 +428,6 @@ def _ms(ns: int | None) -> float | None:
 
 def _err(exc: OSError) -> str:
     return f"{errno_name(exc.errno)} ({exc.strerror})"
-
-
-def _poll_readable(pidfd: int, timeout_ms: int) -> bool:
-    """Whether ``pidfd`` polls readable within ``timeout_ms``: the thread-group leader exited."""
-    poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
-    return bool(poller.poll(timeout_ms))
 
 
 def _close(fd: int) -> None:

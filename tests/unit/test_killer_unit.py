@@ -213,9 +213,9 @@ def test_mrelease_disabled_by_options(tmp_path: Path) -> None:
 
 def test_a_stuck_reaper_thread_does_not_stall_the_kill(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 18 item 8: the hand-off to the reaper thread has a timeout, and a new thread takes over."""
-    import lmkd_py.killer as killer_mod
+    import lmkd_py.reaper as reaper_mod
 
-    monkeypatch.setattr(killer_mod, "HANDOFF_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(reaper_mod, "HANDOFF_TIMEOUT_S", 0.05)
     killer, sys_, _world, _clock = make(tmp_path)
     stuck = threading.Event()
     sys_.block_signal = stuck

@@ -34,7 +34,8 @@ ALLOWED: dict[str, set[str]] = {
     "protect": {"config", "procfs", "syscalls"},
     "tracing": {"procfs", "records"},
     "candidates": {"policy", "procfs"},
-    "killer": {"config", "procfs", "records", "syscalls"},
+    "reaper": {"syscalls"},
+    "killer": {"config", "procfs", "reaper", "records", "syscalls"},
     "daemon": {"candidates", "config", "killer", "policy", "procfs", "provenance", "psi", "records", "sdnotify",
                "syscalls", "tracing"},
     "observe": {"config", "log", "procfs", "provenance", "records", "sdnotify", "tracing"},
@@ -44,7 +45,8 @@ ALLOWED: dict[str, set[str]] = {
     "stress": {"log"},
     "report": {"records"},
     # The lab's in-guest program runs one kill at a time with the killer itself (no daemon).
-    "lab": {"lmkd_py", "killer", "log", "procfs", "provenance", "records", "report", "stress", "syscalls", "tracing"},
+    "lab": {"lmkd_py", "killer", "reaper", "log", "procfs", "provenance", "records", "report", "stress", "syscalls",
+            "tracing"},
     "cli": {"lmkd_py", "lab", "observe", "report", "service", "stress", "tools"},
 }
 
