@@ -161,6 +161,10 @@ class CandidateTable:
             return None
         return fd
 
+    def read_candidate(self, pid: int) -> Candidate | None:
+        """``pid`` read now (a few files), or None when it is gone, a kernel thread or unreadable."""
+        return self._read(pid, {})
+
     def holds(self, pid: int, start_time_ticks: int) -> bool:
         """Whether the last refresh saw this process (pid and start time)."""
         c = self._cands.get(pid)
@@ -231,8 +235,10 @@ class CandidateTable:
         return band_prefix(self._ranked, min_adj)
 
     def recheck(self, choices: list[Choice], top: int, min_adj: int) -> list[Choice]:
-        """Re-read the first ``top`` choices (identity, adj, RSS + swap), re-rank them, and append the
-        rest unchanged as fallbacks. A process that is gone or now another process is dropped."""
+        """Re-read the first ``top`` choices (identity, adj, RSS + swap, cgroup), re-rank them, and append
+        the rest unchanged as fallbacks. A process that is gone or now another process is dropped. The
+        cgroup is read again because a process can be moved (into a protected cgroup, out of the scope)
+        after the refresh cached it."""
         fresh: list[Candidate] = []
         for ch in choices[:top]:
             c = ch.candidate
@@ -242,12 +248,14 @@ class CandidateTable:
                     continue
                 status = self.proc.status(c.pid)
                 adj = self.proc.oom_score_adj(c.pid)
+                cgroup = cgroup_v2_path(self.proc.cgroup(c.pid))
             except (FileNotFoundError, ProcessLookupError, ProcParseError, PermissionError) as exc:
                 log.debug("candidates.recheck_drop", pid=c.pid, reason=str(exc) or type(exc).__name__)
                 continue
             updated = replace(
                 c,
                 oom_score_adj=adj,
+                cgroup=cgroup,
                 rss_kib=status.vm_rss_kib if status.vm_rss_kib is not None else st.rss_pages * PAGE_KIB,
                 swap_kib=status.vm_swap_kib or 0,
                 uid=status.uid if status.uid is not None else c.uid,

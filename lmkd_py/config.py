@@ -149,6 +149,14 @@ class KillConfig(_Frozen):
     recheck_pressure: bool = Field(
         default=True, description="re-read PSI after choosing and skip the kill if pressure has gone"
     )
+    unit: Literal["process", "cgroup"] = Field(
+        default="process",
+        description="what one kill takes: the victim process, or its whole cgroup (cgroup.kill, Linux 5.14+; "
+        "one pidfd per member before), with process_mrelease for each member and one record per member "
+        "linked by kill_id. A cgroup whose memory.oom.group is 1 is always killed whole, as the kernel "
+        "would. Never the root cgroup, and never a cgroup holding a process that may not be killed (then "
+        "only its killable members, one by one)",
+    )
 
 
 class CandidatesConfig(_Frozen):

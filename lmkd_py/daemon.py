@@ -31,8 +31,8 @@ from lmkd_py import provenance
 from lmkd_py.candidates import CandidateTable
 from lmkd_py.config import NEVER_KILL_ADJ, Config, ConfigError, Level
 from lmkd_py.killer import Killer, KillOptions
-from lmkd_py.policy import Choice, Rules
-from lmkd_py.procfs import ProcFs, ProcParseError, Psi, cgroup_v2_relpath
+from lmkd_py.policy import Choice, Rules, hard_exclusion
+from lmkd_py.procfs import ProcFs, ProcParseError, Psi, cgroup2_mount, cgroup_v2_relpath, subtree_pids
 from lmkd_py.psi import MemFloorSource, PressureEvent, PressureSource, TriggerUnavailable, open_source, pressure_file
 from lmkd_py.records import KillRecord, Outcome, Pressure, Victim, open_writer
 from lmkd_py.sdnotify import Notifier
@@ -83,6 +83,13 @@ class Builder:
         if not (scope / "cgroup.procs").exists():
             raise FileNotFoundError(f"pressure.cgroup {scope}: not a cgroup v2 directory (no cgroup.procs)")
         return scope, cgroup_v2_relpath(scope, Path("/proc/self/mounts").read_text())
+
+    def cgroup2_root(self) -> Path | None:
+        """Where the cgroup v2 hierarchy is mounted, or None."""
+        try:
+            return cgroup2_mount(Path("/proc/self/mounts").read_text())
+        except OSError:
+            return None
 
     def rules(self, cfg: Config) -> Rules:
         return Rules.from_config(cfg.policy, self_pids={os.getpid()}, scope_cgroup=self.scope(cfg)[1])
@@ -374,17 +381,27 @@ class Daemon:
         reason = event.kill_reason or self._psi_reason(event)
         for rank, choice in enumerate(choices[: self.cfg.kill.max_attempts]):
             c = choice.candidate
-            record = self.killer.kill(
-                _victim(choice), dry_run=self.dry_run, pressure=_pressure(event, psi, choice, rank, reason),
-                pidfd=self.table.pidfd(c.pid, c.start_time_ticks),
-            )
-            self._store(record)
-            if record.outcome in (Outcome.KILLED, Outcome.DRY_RUN):
+            pressure = _pressure(event, psi, choice, rank, reason)
+            group = self._group_of(choice)
+            if group is None:
+                records = [self.killer.kill(_victim(choice), dry_run=self.dry_run, pressure=pressure,
+                                            pidfd=self.table.pidfd(c.pid, c.start_time_ticks))]
+            else:
+                records = self.killer.kill_group(group.members, kill_file=group.kill_file, dry_run=self.dry_run,
+                                                 pressure=pressure)
+            for r in records:
+                self._store(r)
+                if r.outcome is Outcome.EXIT_TIMEOUT and r.victim.start_time_ticks is not None:
+                    self.stuck.add((r.victim.pid, r.victim.start_time_ticks))
+                    self.stats.not_responding += 1
+                    log.warning("kill.not_responding", pid=r.victim.pid, comm=r.victim.comm, remembered=len(self.stuck))
+            # The chosen victim's record decides what follows (in a group kill, the others' too).
+            record = next((r for r in records if r.victim.pid == c.pid), records[0]) if records else None
+            if record is None:
+                return
+            if any(r.outcome in (Outcome.KILLED, Outcome.DRY_RUN) for r in records):
                 return
             if record.outcome is Outcome.EXIT_TIMEOUT:
-                self.stuck.add((c.pid, c.start_time_ticks))
-                self.stats.not_responding += 1
-                log.warning("kill.not_responding", pid=c.pid, comm=c.comm, remembered=len(self.stuck))
                 if record.steps.mem_recovered_ns is not None:
                     return  # its memory came back all the same (process_mrelease reaped it)
                 reason = "not_responding"
@@ -392,6 +409,39 @@ class Daemon:
                 # It freed its memory by itself; only a precise re-check may ask for another victim.
                 log.info("kill.victim_gone", pid=choice.candidate.pid, reason="one event, one kill: wait for the next")
                 return
+
+    def _group_of(self, choice: Choice) -> _Group | None:
+        """The members to kill with ``choice`` when the kill takes its whole cgroup (``kill.unit =
+        "cgroup"``, or the cgroup's ``memory.oom.group`` is 1), else None. Never the root cgroup; when a
+        member may not be killed (protected, lmkd-py itself, -1000...) the others go one by one and
+        ``cgroup.kill`` is not used, for it would take that member too."""
+        c = choice.candidate
+        root = self.builder.cgroup2_root() if self.builder is not None else None
+        if c.cgroup is None or root is None:
+            return None
+        directory = root / c.cgroup.lstrip("/")
+        whole = self.cfg.kill.unit == "cgroup" or _read_flag(directory / "memory.oom.group")
+        if not whole:
+            return None
+        if c.cgroup == "/":
+            log.warning("kill.group_refused", cgroup=c.cgroup, reason="the root cgroup is never killed whole")
+            return None
+        members, refused = [], []
+        for pid in sorted(subtree_pids(directory) | {c.pid}):
+            m = self.table.read_candidate(pid)
+            if m is None:
+                continue
+            why = hard_exclusion(m, self.table.rules)
+            if why is not None:
+                refused.append((pid, why))
+                continue
+            members.append(Victim(pid=m.pid, comm=m.comm, cmdline=m.cmdline, uid=m.uid, cgroup=m.cgroup,
+                                  start_time_ticks=m.start_time_ticks, oom_score_adj=m.oom_score_adj))
+        kill_file = directory / "cgroup.kill"
+        if refused:
+            log.warning("kill.group_partial", cgroup=c.cgroup, spared=refused)
+        use_file = not refused and kill_file.exists()
+        return _Group(members, kill_file if use_file else None) if members else None
 
     def _psi_reason(self, event: PressureEvent) -> str:
         if self._last_kill_end is not None and event.t_ns - self._last_kill_end < PRESSURE_AFTER_KILL_NS:
@@ -429,6 +479,19 @@ class Daemon:
             v = record.victim
             log.info("kill.would_kill", pid=v.pid, comm=v.comm, rss_kib=v.rss_kib, adj=v.oom_score_adj,
                      reason=record.pressure.reason if record.pressure else None)
+
+
+@dataclass(frozen=True)
+class _Group:
+    members: list[Victim]
+    kill_file: Path | None  # cgroup.kill, when every member may die and the kernel has it
+
+
+def _read_flag(path: Path) -> bool:
+    try:
+        return path.read_text().strip() == "1"
+    except OSError:
+        return False
 
 
 class _Retry:

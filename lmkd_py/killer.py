@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Protocol
 
 import structlog
@@ -172,11 +173,18 @@ class Killer:
             return self._finish(b, outcome, error=f"pidfd_open: {_err(exc)}")
         b.steps["pidfd_opened_ns"] = self.clock()
         try:
-            return self._kill_with_pidfd(b, pidfd, expected, dry_run)
+            early = self._prepare(b, expected)
+            if early is not None:
+                return early
+            if dry_run:
+                return self._finish(b, Outcome.DRY_RUN)
+            return self._signal_and_wait(b, pidfd)
         finally:
             _close(pidfd)
 
-    def _kill_with_pidfd(self, b: _RecordBuilder, pidfd: int, expected: Victim, dry_run: bool) -> KillRecord:
+    def _prepare(self, b: _RecordBuilder, expected: Victim) -> KillRecord | None:
+        """With the pidfd open: the identity check, then sizes and free memory just before the kill.
+        Returns the finished record when the kill must stop here, else None (ready to signal)."""
         try:
             st = self.proc.stat(expected.pid)
         except (FileNotFoundError, ProcParseError) as exc:
@@ -200,9 +208,126 @@ class Killer:
         b.victim = self._describe(victim)
         b.free_before_kib = self._free_memory(b)
         b.steps["sizes_read_ns"] = self.clock()
-        if dry_run:
-            return self._finish(b, Outcome.DRY_RUN)
-        return self._signal_and_wait(b, pidfd)
+        return None
+
+    def kill_group(
+        self,
+        members: list[Victim],
+        *,
+        kill_file: Path | None,
+        dry_run: bool = False,
+        pressure: Pressure | None = None,
+    ) -> list[KillRecord]:
+        """Kill the members of one cgroup as one kill; one record per member, all with one ``kill_id``.
+
+        Every member's pidfd is opened and its identity checked first; then ``kill_file`` (the cgroup's
+        ``cgroup.kill``, Linux 5.14+) SIGKILLs them all at once, or — without one, or when writing it
+        fails — each gets SIGKILL through its pidfd. process_mrelease follows for each on the reaper
+        thread, and the kill waits for every exit and for the members' memory together. The kernel
+        timeline follows one victim at a time, so a group kill is not traced (noted)."""
+        kill_id = str(uuid.uuid4())
+        records: list[KillRecord] = []
+        ready: list[tuple[_RecordBuilder, int]] = []
+        for v in members:
+            b = _RecordBuilder(v, self.clock(), dry_run, pressure, [], kill_id=kill_id)
+            try:
+                pidfd = self.sys.pidfd_open(v.pid, 0)
+            except OSError as exc:
+                outcome = Outcome.GONE if exc.errno == errno.ESRCH else Outcome.SIGNAL_FAILED
+                records.append(self._finish(b, outcome, error=f"pidfd_open: {_err(exc)}"))
+                continue
+            b.steps["pidfd_opened_ns"] = self.clock()
+            early = self._prepare(b, v)
+            if early is not None:
+                _close(pidfd)
+                records.append(early)
+                continue
+            ready.append((b, pidfd))
+        try:
+            if dry_run:
+                return records + [self._finish(b, Outcome.DRY_RUN) for b, _ in ready]
+            return records + self._signal_group(ready, kill_file)
+        finally:
+            for _, pidfd in ready:
+                _close(pidfd)
+
+    def _signal_group(self, ready: list[tuple[_RecordBuilder, int]], kill_file: Path | None) -> list[KillRecord]:
+        opts = self.options
+        reaper = self.reaper
+        do_mrelease = opts.mrelease and self._mrelease_supported
+        sent_ns: int | None = None
+        why_not_file: str | None = None
+        if kill_file is not None and ready:
+            try:
+                fd = os.open(kill_file, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:
+                    os.write(fd, b"1")
+                finally:
+                    os.close(fd)
+                sent_ns = self.clock()
+            except OSError as exc:
+                why_not_file = f"{kill_file}: {exc.strerror or exc}; SIGKILL sent member by member"
+        jobs = [(b, pidfd, reaper.submit(pidfd, do_mrelease, signal=sent_ns is None)) for b, pidfd in ready]
+        out: list[KillRecord] = []
+        pending: list[tuple[_RecordBuilder, int, ReapJob]] = []
+        for b, pidfd, job in jobs:
+            b.notes.append("whole-cgroup kill: " + (f"cgroup.kill at {kill_file}" if sent_ns else "one pidfd each"))
+            if why_not_file:
+                b.notes.append(why_not_file)
+            if not job.signalled.wait(timeout=reaper_mod.HANDOFF_TIMEOUT_S) or job.signal_error is not None:
+                err = job.signal_error
+                outcome = Outcome.GONE if err is not None and err.errno == errno.ESRCH else Outcome.SIGNAL_FAILED
+                b.mrelease = Mrelease(status=MreleaseStatus.NOT_ATTEMPTED, reaper_tid=reaper.tid)
+                out.append(self._finish(b, outcome, error=f"pidfd_send_signal: {_err(err) if err else 'no hand-off'}"))
+                continue
+            b.steps["signal_sent_ns"] = sent_ns if sent_ns is not None else job.signal_sent_ns
+            b.exit_timeout_ns = opts.exit_timeout_ns
+            b.notes.append("kernel timeline: not traced for a whole-cgroup kill (one victim at a time)")
+            pending.append((b, pidfd, job))
+        return out + self._wait_group(pending)
+
+    def _wait_group(self, pending: list[tuple[_RecordBuilder, int, ReapJob]]) -> list[KillRecord]:
+        """Wait for every member's exit and for their memory together; then finish each record."""
+        opts = self.options
+        if not pending:
+            return []
+        targets = [self._recovery_target(b.victim) for b, _, _ in pending]
+        target = sum(t for t in targets if t is not None) or None
+        before = pending[0][0].free_before_kib
+        first_sent = min(b.steps["signal_sent_ns"] or 0 for b, _, _ in pending)
+        deadline = first_sent + opts.exit_timeout_ns
+        recovered_ns: int | None = None
+        while True:
+            now = self.clock()
+            for b, pidfd, _ in pending:
+                if b.steps.get("exit_observed_ns") is None and self.wait_exit(pidfd, 0):
+                    b.steps["exit_observed_ns"] = self.clock()
+            if recovered_ns is None and before is not None:
+                free = self._free_memory(pending[0][0])
+                if free is not None and (target is None or free - before >= target):
+                    recovered_ns = self.clock()
+            exited = all(b.steps.get("exit_observed_ns") is not None for b, _, _ in pending)
+            reaped = all(job.done.is_set() for _, _, job in pending)
+            if exited and reaped and (recovered_ns is not None or before is None):
+                break
+            if now >= deadline + (opts.mem_recovery_timeout_ns if exited else 0):
+                break
+            self.sleep(opts.mem_poll_interval_ns / 1e9)
+        out = []
+        for (b, _pidfd, job), member_target in zip(pending, targets, strict=True):
+            job.done.wait(timeout=opts.exit_timeout_ns / 1e9)
+            b.mrelease = self._mrelease_result(job, opts.mrelease and self._mrelease_supported, self.reaper.tid)
+            b.steps["mrelease_start_ns"] = job.mrelease_start_ns
+            b.steps["mrelease_end_ns"] = job.mrelease_end_ns
+            b.steps["mem_recovered_ns"] = recovered_ns
+            b.recovery_target = member_target
+            b.free_after_kib = self._free_memory(b)
+            if b.steps.get("exit_observed_ns") is None:
+                out.append(self._finish(b, Outcome.EXIT_TIMEOUT,
+                                        error=f"no exit within {opts.exit_timeout_ns // 1_000_000} ms of SIGKILL"))
+            else:
+                out.append(self._finish(b, Outcome.KILLED))
+        return out
 
     def _signal_and_wait(self, b: _RecordBuilder, pidfd: int) -> KillRecord:
         opts = self.options
@@ -368,8 +493,10 @@ class _RecordBuilder:
     """Collects the pieces of one record as the kill proceeds."""
 
     def __init__(
-        self, victim: Victim, t_start: int, dry_run: bool, pressure: Pressure | None, notes: list[str]
+        self, victim: Victim, t_start: int, dry_run: bool, pressure: Pressure | None, notes: list[str],
+        kill_id: str | None = None,
     ) -> None:
+        self.kill_id = kill_id
         self.victim = victim
         self.dry_run = dry_run
         self.pressure = pressure
@@ -388,6 +515,7 @@ class _RecordBuilder:
 
     def build(self, outcome: Outcome, error: str | None, provenance: Provenance) -> KillRecord:
         steps = Steps.model_validate(self.steps)
+        record_id = str(uuid.uuid4())
         sent = steps.signal_sent_ns
         free_after_kib = self.free_after_kib
         pressure = self.pressure
@@ -396,7 +524,8 @@ class _RecordBuilder:
             if decided is not None:
                 pressure = pressure.model_copy(update={"decision_latency_ns": decided - pressure.event_ns})
         return KillRecord(
-            record_id=str(uuid.uuid4()),
+            record_id=record_id,
+            kill_id=self.kill_id or record_id,
             wall_time=datetime.now(UTC).isoformat(timespec="microseconds"),
             outcome=outcome,
             dry_run=self.dry_run,

@@ -81,6 +81,13 @@ class Rules:
         )
 
 
+def hard_exclusion(c: Candidate, rules: Rules) -> str | None:
+    """Why ``c`` may never be killed whatever its size (what spares a member of a whole-cgroup kill),
+    or None when it may."""
+    why = exclusion(c, rules)
+    return None if why is not None and why.startswith("smaller than") else why
+
+
 def exclusion(c: Candidate, rules: Rules) -> str | None:
     """Why ``c`` may never be killed, or None when it may."""
     if c.pid == 1:

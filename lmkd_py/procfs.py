@@ -244,6 +244,15 @@ def cgroup_v2_relpath(directory: Path, mounts_text: str) -> str | None:
     return "/" if rel == "." else "/" + rel
 
 
+def cgroup2_mount(mounts_text: str) -> Path | None:
+    """Where the cgroup v2 hierarchy is mounted (the first cgroup2 line of /proc/self/mounts), or None."""
+    for line in mounts_text.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[2] == "cgroup2":
+            return Path(parts[1])
+    return None
+
+
 def subtree_pids(directory: Path) -> set[int]:
     """Pids in a cgroup v2 directory and all its descendants (``cgroup.procs`` of each). A directory
     that vanishes or cannot be read while walking is skipped: cgroups come and go."""

@@ -32,6 +32,7 @@ HANDOFF_TIMEOUT_S = 1.0
 class ReapJob:
     pidfd: int  # the job's own duplicate, closed by the reaper thread when it is done with it
     mrelease: bool
+    signal: bool = True  # False: already killed (cgroup.kill), only reap
     signalled: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
     signal_error: OSError | None = None
@@ -57,11 +58,11 @@ class ReaperThread:
         self._thread.start()
         self._ready.wait()
 
-    def submit(self, pidfd: int, mrelease: bool) -> ReapJob:
+    def submit(self, pidfd: int, mrelease: bool, *, signal: bool = True) -> ReapJob:
         """Queue a kill. The job holds its own duplicate of ``pidfd``: a reaper thread that is late (stuck
         behind a D-state victim's mmap_lock) can then never signal a pid reused since, only the victim
         the duplicate names, however late it gets to it."""
-        job = ReapJob(pidfd=os.dup(pidfd), mrelease=mrelease)
+        job = ReapJob(pidfd=os.dup(pidfd), mrelease=mrelease, signal=signal)
         self._jobs.put(job)
         return job
 
@@ -81,12 +82,13 @@ class ReaperThread:
                 job.done.set()
 
     def _reap(self, job: ReapJob) -> None:
-        try:
-            self._sys.pidfd_send_signal(job.pidfd, SIGKILL)
-        except OSError as exc:
-            job.signal_error = exc
-            return
-        job.signal_sent_ns = self._clock()
+        if job.signal:
+            try:
+                self._sys.pidfd_send_signal(job.pidfd, SIGKILL)
+            except OSError as exc:
+                job.signal_error = exc
+                return
+            job.signal_sent_ns = self._clock()
         job.signalled.set()
         if not job.mrelease:
             return

@@ -180,6 +180,7 @@ class KillRecord(_Model):
 
     schema_version: int = SCHEMA_VERSION
     record_id: str
+    kill_id: str | None = None  # the same for every member of one whole-cgroup kill
     wall_time: str  # ISO 8601 UTC, for humans; ordering uses the monotonic steps
     outcome: Outcome
     dry_run: bool = False

@@ -159,3 +159,57 @@ def test_a_frozen_victim_is_remembered_and_passed_over(scope: object, mrelease: 
             assert frozen.pid not in later and later, "a stuck victim is never picked again"
     finally:
         _thaw_and_remove(frz)
+
+
+@pytest.mark.parametrize("spare_one", [False, True])
+def test_a_whole_cgroup_kill_takes_every_member_and_links_their_records(scope: object, spare_one: bool) -> None:
+    """Issue 12 item 3: kill.unit = "cgroup" takes the victim's whole cgroup through cgroup.kill, reaps
+    each member, and writes one record per member with one kill_id; a sibling cgroup is untouched. When a
+    member may not be killed (here: counted as lmkd-py itself), cgroup.kill is not used and that member
+    lives while the others die one by one."""
+    from lmkd_py.daemon import Builder
+    from lmkd_py.stress import PressureCgroup, VictimSpec, spawn_victim
+
+    assert isinstance(scope, PressureCgroup)
+    app = scope.v2_path / "app"
+    app.mkdir()
+    victims = []
+    try:
+        members = [spawn_victim(VictimSpec(size_mib=24, adj=900), scope) for _ in range(3)]
+        bystander = spawn_victim(VictimSpec(size_mib=8, adj=900), scope)
+        victims = [*members, bystander]
+        for v in victims:
+            v.wait_ready()
+        for m in members:
+            (app / "cgroup.procs").write_text(str(m.pid))
+        rel = cgroup_v2_relpath(scope.v2_path, Path("/proc/self/mounts").read_text())
+        spared = members[2].pid if spare_one else None
+        rules = Rules(scope_cgroup=rel, self_pids=frozenset({os.getpid(), *([spared] if spared else [])}))
+        table = CandidateTable(ProcFs(), rules, scope_dir=scope.v2_path, clock=time.monotonic_ns)
+        cfg = Config(kill=KillConfig(unit="cgroup", recheck_pressure=False, min_interval_ms=0))
+        killer = Killer(LinuxSyscalls(), ProcFs(), options=KillOptions.from_config(cfg.kill))
+        sink = ListSink()
+        with Daemon(cfg, source=OneEvent(), killer=killer, table=table, sink=sink, builder=Builder(ProcFs())) as d:
+            d.table.refresh()
+            d.handle([event()])
+        expected = {m.pid for m in members} - {spared}
+        assert {r.victim.pid for r in sink.records} == expected
+        assert all(r.outcome is Outcome.KILLED for r in sink.records), [r.error for r in sink.records]
+        assert len({r.kill_id for r in sink.records}) == 1 and sink.records[0].kill_id
+        assert all(r.mrelease.status.value in ("ok", "already_released") for r in sink.records)
+        via_file = any("cgroup.kill at" in n for r in sink.records for n in r.notes)
+        assert via_file is not spare_one
+        assert bystander.poll() is None, "the sibling cgroup's process must live"
+        if spared:
+            assert members[2].poll() is None, "a member that may not be killed must live"
+    finally:
+        for v in victims:
+            if v.poll() is None:
+                v.kill()
+            v.wait_exit(10)
+        for _ in range(200):
+            try:
+                app.rmdir()
+                break
+            except OSError:
+                time.sleep(0.02)

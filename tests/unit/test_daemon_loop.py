@@ -484,3 +484,60 @@ def test_the_table_holds_pidfds_of_its_top_candidates(tmp_path: Any) -> None:
         except OSError:
             continue
         raise AssertionError(f"fd {fd} left open")
+
+
+def test_a_cgroup_with_oom_group_is_killed_whole_and_never_the_root(tmp_path: Any) -> None:
+    """Issue 12 item 3: memory.oom.group = 1 makes a whole-cgroup kill even with kill.unit = "process"."""
+    from pathlib import Path
+
+    from lmkd_py.candidates import CandidateTable
+    from lmkd_py.daemon import Builder
+    from lmkd_py.policy import Rules
+    from lmkd_py.procfs import ProcFs
+    from tests.fakes import fake_proc
+
+    proc, cgroot = tmp_path / "proc", tmp_path / "cg"
+    for pid in (10, 11, 12):
+        fake_proc(proc, pid, f"p{pid}", 50_000, adj=900)  # all in 0::/apps/x
+    (proc / "meminfo").write_text("MemTotal: 100 kB\n")
+    (proc / "loadavg").write_text("0 0 0 1/1 12\n")
+    grp = cgroot / "apps" / "x"
+    grp.mkdir(parents=True)
+    (grp / "cgroup.procs").write_text("10\n11\n12\n")
+    (grp / "cgroup.kill").write_text("")
+
+    class FakeBuilder(Builder):
+        def cgroup2_root(self) -> Path | None:
+            return cgroot
+
+    calls: list[tuple[list[int], Any]] = []
+
+    class GroupKiller(FakeKiller):
+        def kill_group(self, members: list[Victim], *, kill_file: Any, dry_run: bool = False,
+                       pressure: Pressure | None = None) -> list[KillRecord]:
+            calls.append(([m.pid for m in members], kill_file))
+            return [KillRecord(record_id=str(m.pid), kill_id="k", wall_time="t", outcome=Outcome.KILLED, victim=m,
+                               steps=Steps(start_ns=0, end_ns=1), mrelease=Mrelease(status=MreleaseStatus.OK))
+                    for m in members]
+
+    clock = FakeClock()
+    table = CandidateTable(ProcFs(proc), Rules(), clock=clock)
+    sink = ListSink()
+    d = Daemon(Config(), source=Source(clock), killer=GroupKiller(clock, []), table=table,  # type: ignore[arg-type]
+               sink=sink, clock=clock, builder=FakeBuilder(ProcFs(proc)))
+    table.refresh()
+    d.handle([ev(CRIT, clock)])
+    assert calls == [], "memory.oom.group unset: one process"
+    (grp / "memory.oom.group").write_text("1\n")
+    clock.t += 10_000_000_000
+    d.handle([ev(CRIT, clock)])
+    assert calls == [([10, 11, 12], grp / "cgroup.kill")]
+    assert {r.kill_id for r in sink.records[-3:]} == {"k"}
+    for pid in (10, 11, 12):
+        (proc / str(pid) / "cgroup").write_text("0::/\n")
+    table.refresh()
+    clock.t += 10_000_000_000
+    with structlog.testing.capture_logs() as logs:
+        d.cfg = Config(kill=KillConfig(unit="cgroup"))
+        d.handle([ev(CRIT, clock)])
+    assert len(calls) == 1 and any(e["event"] == "kill.group_refused" for e in logs)
