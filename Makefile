@@ -8,6 +8,7 @@ bench:
 	$(PY) benchmarks/footprint.py
 	$(PY) benchmarks/reap_curve.py
 	$(PY) benchmarks/episode.py
+	$(PY) benchmarks/killer_race.py
 	$(PY) benchmarks/tracing_overhead.py
 	$(PY) benchmarks/report_scale.py
 	test ! -f benchmarks/observe_overhead.py || $(PY) benchmarks/observe_overhead.py
@@ -22,6 +23,7 @@ bench-smoke:
 	$(PY) benchmarks/footprint.py --smoke
 	$(PY) benchmarks/reap_curve.py --smoke
 	$(PY) benchmarks/episode.py --smoke
+	$(PY) benchmarks/killer_race.py --smoke
 	$(PY) benchmarks/tracing_overhead.py --smoke
 	$(PY) benchmarks/report_scale.py --smoke
 	$(PY) benchmarks/observe_overhead.py --smoke

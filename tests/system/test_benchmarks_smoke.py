@@ -55,6 +55,8 @@ CASES = (
     Case("reap_curve.py", (rf"^\s+16\s+1\s+1\s+{N}\s+{N}", rf"^\s+16\s+64\s+1\s+{N}\s+{N}")),
     Case("episode.py", (rf"^lmkd-py\s+{N}\s+\S+\s+{N}\s+{N}\s+{N}", rf"^none\s+{N}\s+\S+\s+{N}\s+{N}\s+{N}"),
          root=True, cgroups=True),
+    Case("killer_race.py", (rf"^anon\s+lmkd-py\s+{N}\s+{N}\s+{N}", rf"^many\s+none\s+{N}\s+{N}\s+{N}"),
+         root=True, cgroups=True),
     Case("tracing_overhead.py", (rf"^tracing\s+\d+\s+{N}\s+{N}\s+{N}", rf"^no tracing\s+\d+\s+{N}\s+{N}\s+{N}",
                                  rf"ratio tracing / no tracing, median kill->exit: {N}",
                                  rf"before_kill \(on the kill path\): median {N} us",
