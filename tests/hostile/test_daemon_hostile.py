@@ -124,3 +124,28 @@ def test_tracing_on_without_tracefs_is_one_line_not_a_traceback(tmp_path: Path, 
                  "--duration", "1"], env=env)
     no_traceback(p)
     assert p.returncode == 1 and "tracing" in p.stderr and str(not_tracefs) in p.stderr, p.stderr[-2000:]
+
+
+@needs_root
+def test_an_unprivileged_killer_says_at_start_what_it_lacks(
+    tmp_path: Path, empty_scope: Path, nobody_python: tuple[list[str], dict[str, str]]
+) -> None:
+    """Issue 18 item 8: without CAP_KILL (an ordinary user, not a dry run) the daemon says so at start,
+    instead of first finding out at a kill."""
+    import shutil
+    import tempfile
+
+    from tests.conftest import NOBODY
+
+    home = Path(tempfile.mkdtemp(prefix="lmkd-py-nobody-", dir="/var/tmp"))  # reachable by nobody
+    try:
+        os.chown(home, NOBODY, NOBODY)
+        prefix, env = nobody_python
+        p = subprocess.run([*prefix, "--cgroup", str(empty_scope), "--records", str(home / "r.jsonl"),
+                            "--tracing", "off", "--log-format", "json", "--duration", "1"], capture_output=True,
+                           text=True, timeout=60, user=NOBODY, group=NOBODY, extra_groups=[], env=env, cwd=home)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    no_traceback(p)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert '"daemon.no_cap_kill"' in p.stderr and "CAP_KILL" in p.stderr
