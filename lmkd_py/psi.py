@@ -202,6 +202,15 @@ class TriggerSource:
                 events.append(PressureEvent(level, now, "trigger", str(self.path)))
         return events
 
+    def add_wake_fd(self, fd: int) -> None:
+        """Also return from ``wait`` (with no event) when ``fd`` polls readable; its owner drains it
+        (signals.AdaptiveSource: v1 memcg usage thresholds through eventfd)."""
+        self._poller.register(fd, select.POLLIN)
+
+    def remove_wake_fd(self, fd: int) -> None:
+        with contextlib.suppress(KeyError):
+            self._poller.unregister(fd)
+
     def read(self) -> Psi | None:
         return _read_psi(self.path)
 
@@ -289,6 +298,15 @@ class PollingSource:
                 self._last_fired[level.name] = now
                 events.append(PressureEvent(level, now, "poll", str(self.path)))
         return events
+
+    def add_wake_fd(self, fd: int) -> None:
+        """Also return from ``wait`` (with no event) when ``fd`` polls readable; its owner drains it
+        (signals.AdaptiveSource: v1 memcg usage thresholds through eventfd)."""
+        self._poller.register(fd, select.POLLIN)
+
+    def remove_wake_fd(self, fd: int) -> None:
+        with contextlib.suppress(KeyError):
+            self._poller.unregister(fd)
 
     def read(self) -> Psi | None:
         return _read_psi(self.path)
