@@ -175,8 +175,13 @@ class Daemon:
             self.stats.no_candidate += 1
             log.warning("kill.no_candidate", psi_level=event.level.name, min_adj=min_adj, table=len(self.table))
             return
-        # A memory-floor event is not a stall: the PSI re-check does not apply to it.
-        if self.cfg.kill.recheck_pressure and event.mechanism != "mem_floor" and self._recovered(event, psi):
+        # An event that can re-check itself (floor, headroom, lmkd reasons) says whether it still holds;
+        # a PSI stall is re-checked from the stall totals; other events are not stalls: no re-check.
+        if event.still is not None:
+            gone = not event.still()
+        else:
+            gone = event.mechanism in ("trigger", "poll") and self._recovered(event, psi)
+        if self.cfg.kill.recheck_pressure and gone:
             self.stats.skipped_recovered += 1
             log.info("kill.skipped", reason="pressure gone while selecting the victim", psi_level=event.level.name)
             return
@@ -265,6 +270,8 @@ def _pressure(event: PressureEvent, psi: Psi | None, choice: Choice, rank: int) 
         event_ns=event.t_ns,
         rank=rank,
         reason=choice.reason,
+        kill_reason=event.kill_reason or f"psi_{event.level.name}",
+        signals=dict(event.signals) if event.signals is not None else None,
     )
 
 

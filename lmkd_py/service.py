@@ -21,14 +21,15 @@ import structlog
 from lmkd_py import log as logsetup
 from lmkd_py import provenance
 from lmkd_py.candidates import CandidateTable
-from lmkd_py.config import Config, ConfigError, Level, load_config
+from lmkd_py.config import Config, ConfigError, load_config
 from lmkd_py.daemon import Daemon, Sink
 from lmkd_py.killer import Killer, KillOptions
 from lmkd_py.policy import Rules
 from lmkd_py.procfs import ProcFs, ProcParseError, cgroup_v2_relpath
-from lmkd_py.psi import MemFloorSource, PressureSource, open_source, pressure_file
+from lmkd_py.psi import PressureSource, open_source, pressure_file
 from lmkd_py.records import RecordWriter
 from lmkd_py.sdnotify import Notifier
+from lmkd_py.signals import wrap_sources
 from lmkd_py.syscalls import LinuxSyscalls
 
 log = structlog.get_logger("lmkd_py.service")
@@ -75,11 +76,7 @@ class Assembly:
         p = cfg.pressure
         src = open_source(p.source, pressure_file(p.cgroup), p.levels, p.poll_interval_ms * 1_000_000,
                           wake_fd=self.wake_fd)
-        if p.mem_floor_pct is None or p.cgroup is not None:
-            return src
-        level = Level(name="mem_floor", stall="some", threshold_us=1, window_us=2_000_000,
-                      min_oom_score_adj=p.mem_floor_min_oom_score_adj)
-        return MemFloorSource(src, self.free_memory, p.mem_floor_pct, level)
+        return wrap_sources(src, cfg, self.proc, scope_dir=p.cgroup)  # floor, headroom, lmkd reasons
 
     def free_memory(self) -> tuple[int, int] | None:
         """(MemAvailable + per-CPU free lists, MemTotal) in KiB, or None when unreadable."""
