@@ -165,12 +165,12 @@ class Daemon:
                      remaining_ms=_ms(self._cooldown_until - event.t_ns))
             return
         min_adj = event.level.min_oom_score_adj
-        choices = self.table.recheck(self.table.rank(min_adj), self.cfg.candidates.recheck_top, min_adj)
+        choices = self._choices(event, min_adj)
         if not choices:
             # The table may predate the process that is eating memory now (started since the last
             # refresh): pay for one refresh rather than let the kernel's OOM killer act.
             self.table.refresh()
-            choices = self.table.recheck(self.table.rank(min_adj), self.cfg.candidates.recheck_top, min_adj)
+            choices = self._choices(event, min_adj)
         if not choices:
             self.stats.no_candidate += 1
             log.warning("kill.no_candidate", psi_level=event.level.name, min_adj=min_adj, table=len(self.table))
@@ -194,6 +194,12 @@ class Daemon:
                 break
         self._cooldown_until = self.clock() + self.cfg.kill.min_interval_ms * 1_000_000
         self.table.refresh()
+
+    def _choices(self, event: PressureEvent, min_adj: int) -> list[Choice]:
+        ranked = self.table.rank(min_adj)
+        if event.victims is not None:  # e.g. only the processes of the memcg that runs out
+            ranked = [c for c in ranked if c.candidate.pid in event.victims]
+        return self.table.recheck(ranked, self.cfg.candidates.recheck_top, min_adj)
 
     def _recovered(self, event: PressureEvent, at_event: Psi | None) -> bool:
         """earlyoom's 'memory situation has recovered while selecting victim': the level's stall total

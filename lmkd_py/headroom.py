@@ -341,8 +341,13 @@ class HeadroomCheck:
         }
         event = PressureEvent(self.swap_level if swapped else self.level, now_ns, "headroom",
                               f"memcg {m.label}: headroom {ram + swap} KiB < {thr} KiB", kill_reason=reason,
-                              signals=signals, still=lambda: self.still(m))
+                              signals=signals, still=lambda: self.still(m), victims=self.members(m))
         return CheckResult([event], 0)
+
+    def members(self, m: Memcg) -> frozenset[int]:
+        """The scope's pids charged to ``m`` or below it: the only kills that give ``m`` memory back."""
+        return frozenset(pid for pid, leaf in self._pid_leaf.items()
+                         if leaf is not None and m.directory in self._chains.get(leaf, ()))
 
     def still(self, m: Memcg) -> bool:
         """Whether ``m``'s headroom is below its threshold now (False when unreadable: never kill blind)."""

@@ -44,7 +44,9 @@ class PressureEvent:
     project's: ``mem_floor``, ``cgroup_headroom``); None means ``psi_<level>``. ``signals`` holds the
     values that decided, with units in their names, for the record. ``still`` re-checks the condition
     now (True while it holds) for a source that can tell precisely (free memory, headroom); None for
-    a PSI stall, which is a rate over a window and cannot be re-read in a moment.
+    a PSI stall, which is a rate over a window and cannot be re-read in a moment. ``victims``, when
+    set, are the only pids this event may kill: e.g. the processes charged to the memcg that runs out
+    (killing elsewhere frees nothing that memcg can use, as the kernel's memcg OOM killer knows).
     """
 
     level: Level
@@ -54,6 +56,7 @@ class PressureEvent:
     kill_reason: str | None = None
     signals: Mapping[str, float | int | None] | None = None
     still: Callable[[], bool] | None = field(default=None, compare=False)
+    victims: frozenset[int] | None = None
 
 
 class PressureSource(Protocol):

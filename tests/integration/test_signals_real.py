@@ -42,7 +42,7 @@ GROWER_CODE = """
 import mmap, sys, time
 step_mib, period_ms, cap_mib, fill = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 open("/proc/self/oom_score_adj", "w").write(sys.argv[5])
-page = (b"lmkd-py grows compressible memory %08d " * 100)[:4096]
+page = (b"lmkd-py grows compressible memory, page after page. " * 100)[:4096]
 print("ready", flush=True)
 sys.stdin.readline()
 maps, grown, t = [], 0, time.monotonic()
@@ -261,7 +261,8 @@ def test_zram_grower_is_killed_for_swap_and_a_mere_swapper_is_not(tmp_path: Path
                 try:
                     swapper.go()
                     assert swapper.p.stdout is not None
-                    assert swapper.p.stdout.readline().strip() == "capped", "the swapper died"
+                    line = swapper.p.stdout.readline().strip()
+                    assert line == "capped", f"the swapper died ({swapper.p.wait()}): {d.recs()}\n{d.log()}"
                     swapped_kib = int((swapper_cg.v1_path / "memory.memsw.usage_in_bytes").read_text()) // 1024 \
                         - int((swapper_cg.v1_path / "memory.usage_in_bytes").read_text()) // 1024
                     assert swapped_kib > 32 * 1024, f"the swapper swapped only {swapped_kib} KiB"
