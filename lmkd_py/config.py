@@ -117,6 +117,11 @@ class SignalsConfig(_Frozen):
     check_max_interval_ms: int = Field(
         default=1000, ge=10, le=60_000, description="longest check period, far from every threshold (ms)"
     )
+    repeat_interval_ms: int = Field(
+        default=100, ge=0, le=60_000,
+        description="a signal that keeps holding is reported again at most this often (ms); one that had cleared "
+        "is reported at once. Bounds the loop's work while it cools down after a kill or finds no victim",
+    )
     cgroup_headroom: bool = Field(
         default=True,
         description="under pressure.cgroup, kill when the memory cgroup(s) of the scope's processes come close "

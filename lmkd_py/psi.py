@@ -205,10 +205,10 @@ class TriggerSource:
                 events.append(PressureEvent(level, now, "trigger", str(self.path)))
         return events
 
-    def add_wake_fd(self, fd: int) -> None:
-        """Also return from ``wait`` (with no event) when ``fd`` polls readable; its owner drains it
-        (signals.AdaptiveSource: v1 memcg usage thresholds through eventfd)."""
-        self._poller.register(fd, select.POLLIN)
+    def add_wake_fd(self, fd: int, events: int = select.POLLIN) -> None:
+        """Also return from ``wait`` (with no event) when ``fd`` polls ``events``; its owner drains it
+        (signals.AdaptiveSource: v1 memcg thresholds through eventfd, v2 memory.events with POLLPRI)."""
+        self._poller.register(fd, events)
 
     def remove_wake_fd(self, fd: int) -> None:
         with contextlib.suppress(KeyError):
@@ -302,10 +302,10 @@ class PollingSource:
                 events.append(PressureEvent(level, now, "poll", str(self.path)))
         return events
 
-    def add_wake_fd(self, fd: int) -> None:
-        """Also return from ``wait`` (with no event) when ``fd`` polls readable; its owner drains it
-        (signals.AdaptiveSource: v1 memcg usage thresholds through eventfd)."""
-        self._poller.register(fd, select.POLLIN)
+    def add_wake_fd(self, fd: int, events: int = select.POLLIN) -> None:
+        """Also return from ``wait`` (with no event) when ``fd`` polls ``events``; its owner drains it
+        (signals.AdaptiveSource: v1 memcg thresholds through eventfd, v2 memory.events with POLLPRI)."""
+        self._poller.register(fd, events)
 
     def remove_wake_fd(self, fd: int) -> None:
         with contextlib.suppress(KeyError):

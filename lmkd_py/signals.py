@@ -16,8 +16,9 @@ are polled together with the PSI triggers, so a crossing is seen at once whateve
 
 from __future__ import annotations
 
+import select
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -51,8 +52,8 @@ class Check(Protocol):
 
     def check(self, now_ns: int) -> CheckResult: ...
 
-    def wake_fds(self) -> Sequence[int]:
-        """Fds that poll readable when the check should run now (drained by ``check``)."""
+    def wake_fds(self) -> Mapping[int, int]:
+        """{fd: poll events} that wake the loop when the check should run now (drained by ``check``)."""
         ...
 
     def close(self) -> None: ...
@@ -79,14 +80,17 @@ class AdaptiveSource:
         rate_kib_s: int,
         min_ns: int,
         max_ns: int,
+        repeat_ns: int = 0,
         clock: Clock = time.monotonic_ns,
     ) -> None:
         self.inner = inner
         self.checks = list(checks)
         self.rate_kib_s, self.min_ns, self.max_ns = rate_kib_s, min_ns, max_ns
+        self.repeat_ns = repeat_ns
+        self._reported: dict[tuple[int, str | None], int] = {}  # (check, kill_reason) -> last report (ns)
         self.clock = clock
         self._next = clock()
-        self._watched: set[int] = set()
+        self._watched: dict[int, int] = {}
         self.last_period_ns: int | None = None
         self.description = inner.description + "".join(f" + {c.name}" for c in self.checks)
 
@@ -105,9 +109,9 @@ class AdaptiveSource:
         """Run every check once and schedule the next look from the smallest margin."""
         events: list[PressureEvent] = []
         margins: list[int | None] = []
-        for c in self.checks:
+        for i, c in enumerate(self.checks):
             got = c.check(now)
-            events += got.events
+            events += self._throttle(i, got.events, now)
             margins.append(got.margin_kib)
         known = [m for m in margins if m is not None]
         margin = min(known) if known else None
@@ -115,27 +119,44 @@ class AdaptiveSource:
         self._next = now + self.last_period_ns
         return events
 
+    def _throttle(self, i: int, got: list[PressureEvent], now: int) -> list[PressureEvent]:
+        """Drop reports of a condition that still holds within ``repeat_ns`` of its last report; forget
+        the conditions this check no longer reports (the next one is new and goes out at once)."""
+        held = {e.kill_reason for e in got}
+        for key in [k for k in self._reported if k[0] == i and k[1] not in held]:
+            del self._reported[key]
+        out = []
+        for e in got:
+            last = self._reported.get((i, e.kill_reason))
+            if last is not None and now - last < self.repeat_ns:
+                continue
+            self._reported[(i, e.kill_reason)] = now
+            out.append(e)
+        return out
+
     def _sync_fds(self) -> None:
         """Hand the checks' wake fds to the inner source's poller (memcgs come and go)."""
         add = getattr(self.inner, "add_wake_fd", None)
         remove = getattr(self.inner, "remove_wake_fd", None)
         if add is None or remove is None:
             return
-        want = {fd for c in self.checks for fd in c.wake_fds()}
-        for fd in self._watched - want:
+        want: dict[int, int] = {}
+        for c in self.checks:
+            want.update(c.wake_fds())
+        for fd in set(self._watched) - set(want):
             remove(fd)
-        for fd in want - self._watched:
-            add(fd)
+        for fd, events in want.items():
+            if self._watched.get(fd) != events:
+                remove(fd)
+                add(fd, events)
         self._watched = want
 
     def _fd_ready(self) -> bool:
         if not self._watched:
             return False
-        import select
-
         poller = select.poll()
-        for fd in self._watched:
-            poller.register(fd, select.POLLIN)
+        for fd, events in self._watched.items():
+            poller.register(fd, events)
         return bool(poller.poll(0))
 
     def read(self) -> Psi | None:
@@ -190,8 +211,8 @@ class FloorCheck:
         got = self.read_free()
         return got is not None and got[0] < got[1] * self.floor_pct / 100
 
-    def wake_fds(self) -> Sequence[int]:
-        return ()
+    def wake_fds(self) -> Mapping[int, int]:
+        return {}
 
     def close(self) -> None:
         pass
@@ -240,4 +261,4 @@ def wrap_sources(
         return inner
     return AdaptiveSource(inner, checks, rate_kib_s=s.alloc_rate_mib_s * 1024,
                           min_ns=s.check_min_interval_ms * 1_000_000, max_ns=s.check_max_interval_ms * 1_000_000,
-                          clock=clock)
+                          repeat_ns=s.repeat_interval_ms * 1_000_000, clock=clock)

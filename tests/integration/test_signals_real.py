@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -293,3 +294,68 @@ def test_zram_grower_is_killed_for_swap_and_a_mere_swapper_is_not(tmp_path: Path
             for sub in (sub_a, sub_b, scope):
                 with contextlib.suppress(OSError):
                     sub.rmdir()
+
+
+# -- the kernel's notifications wake the adaptive check ------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["auto", "poll"])
+def test_a_kernfs_notification_wakes_the_loop_at_once(mode: str) -> None:
+    """v2 memory.events is watched with POLLPRI (kernfs_notify). This host's v2 tree has no memory
+    controller, so the same mechanism is proven on cgroup.events (notified when a process joins)."""
+    missing = _missing()
+    if missing:
+        pytest.skip(missing)
+    import select as sel
+
+    from lmkd_py.config import Level
+    from lmkd_py.psi import open_source
+    from lmkd_py.signals import AdaptiveSource, CheckResult
+
+    class EventsFile:
+        name = "cgroup.events"
+
+        def __init__(self, fd: int) -> None:
+            self.fd, self.calls = fd, 0
+
+        def check(self, now_ns: int) -> CheckResult:
+            self.calls += 1
+            os.pread(self.fd, 4096, 0)  # re-arms the notification
+            return CheckResult(margin_kib=1 << 40)  # far from anything: the period is the 5 s maximum
+
+        def wake_fds(self) -> dict[int, int]:
+            return {self.fd: sel.POLLPRI}
+
+        def close(self) -> None:
+            pass
+
+    d = V2 / f"lmkd-h-signals-{uuid.uuid4().hex[:8]}"
+    d.mkdir()
+    sleeper = None
+    try:
+        level = Level(name="low", stall="some", threshold_us=500_000, window_us=2_000_000, min_oom_score_adj=1001)
+        inner = open_source(mode, d / "memory.pressure", [level], 10_000_000_000)
+        fd = os.open(d / "cgroup.events", os.O_RDONLY)
+        check = EventsFile(fd)
+        src = AdaptiveSource(inner, [check], rate_kib_s=1 << 20, min_ns=10_000_000, max_ns=5_000_000_000)
+        try:
+            src.wait(None)
+            assert check.calls == 1 and src.last_period_ns == 5_000_000_000
+            sleeper = subprocess.Popen(["sleep", "60"])
+            threading.Timer(0.2, lambda: (d / "cgroup.procs").write_text(str(sleeper.pid))).start()
+            t0 = time.monotonic()
+            src.wait(None)
+            woke_s = time.monotonic() - t0
+            assert check.calls == 2 and woke_s < 1.0, f"woke after {woke_s:.3f} s, {check.calls} looks"
+        finally:
+            src.close()
+            os.close(fd)
+    finally:
+        if sleeper is not None:
+            sleeper.kill()
+            sleeper.wait()
+        for _ in range(50):
+            try:
+                d.rmdir()
+                break
+            except OSError:
+                time.sleep(0.05)

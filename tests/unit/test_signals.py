@@ -4,7 +4,8 @@ trees: a recorded /proc and v1/v2 cgroup files under tmp_path."""
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import select
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from structlog.testing import capture_logs
@@ -35,18 +36,18 @@ class Inner:
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
         self.waited: list[int | None] = []
-        self.fds: set[int] = set()
+        self.fds: dict[int, int] = {}
 
     def wait(self, timeout_ns: int | None) -> list[PressureEvent]:
         self.waited.append(timeout_ns)
         self.clock.t += timeout_ns or 0
         return []
 
-    def add_wake_fd(self, fd: int) -> None:
-        self.fds.add(fd)
+    def add_wake_fd(self, fd: int, events: int = select.POLLIN) -> None:
+        self.fds[fd] = events
 
     def remove_wake_fd(self, fd: int) -> None:
-        self.fds.discard(fd)
+        self.fds.pop(fd, None)
 
     def read(self) -> None:
         return None
@@ -62,14 +63,15 @@ class Scripted:
         self.margins = margins
         self.calls = 0
         self.fds = list(fds)
+        self.events: list[PressureEvent] = []
 
     def check(self, now_ns: int) -> CheckResult:
         m = self.margins[min(self.calls, len(self.margins) - 1)]
         self.calls += 1
-        return CheckResult(margin_kib=m)
+        return CheckResult(list(self.events), margin_kib=m)
 
-    def wake_fds(self) -> Sequence[int]:
-        return self.fds
+    def wake_fds(self) -> Mapping[int, int]:
+        return {fd: select.POLLIN for fd in self.fds}
 
     def close(self) -> None:
         pass
@@ -109,7 +111,7 @@ def test_a_wake_fd_makes_the_check_run_at_once() -> None:
         src = AdaptiveSource(inner, [check], rate_kib_s=1024 * MIB_KIB, min_ns=10 * MS, max_ns=1000 * MS,
                              clock=clock)
         src.wait(None)
-        assert inner.fds == {efd} and check.calls == 1
+        assert inner.fds == {efd: select.POLLIN} and check.calls == 1
         src.wait(0)  # not due yet, nothing ready
         assert check.calls == 1
         os.eventfd_write(efd, 1)  # the kernel crossed a memcg threshold
@@ -118,9 +120,25 @@ def test_a_wake_fd_makes_the_check_run_at_once() -> None:
         check.fds = []
         os.eventfd_read(efd)
         src.wait(0)
-        assert inner.fds == set()  # a memcg that went away: its fd leaves the poller
+        assert inner.fds == {}  # a memcg that went away: its fd leaves the poller
     finally:
         os.close(efd)
+
+
+def test_a_condition_that_keeps_holding_is_reported_at_most_every_repeat_interval() -> None:
+    clock = Clock()
+    check = Scripted([0])
+    check.events = [PressureEvent(signal_level("cgroup_headroom", 0), 0, "headroom", "x",
+                                  kill_reason="cgroup_headroom")]
+    src = AdaptiveSource(Inner(clock), [check], rate_kib_s=1024 * MIB_KIB, min_ns=10 * MS, max_ns=1000 * MS,
+                         repeat_ns=100 * MS, clock=clock)
+    reported = [len(src.wait(None)) for _ in range(25)]  # a look every 10 ms while it holds
+    assert reported[0] == 1 and sum(reported) == 3  # at 0, 100 and 200 ms
+    check.events = []
+    assert src.wait(None) == []  # it cleared ...
+    check.events = [PressureEvent(signal_level("cgroup_headroom", 0), 0, "headroom", "x",
+                                  kill_reason="cgroup_headroom")]
+    assert len(src.wait(None)) == 1  # ... so the next one goes out at once
 
 
 def test_floor_fires_below_and_rechecks() -> None:
@@ -283,5 +301,11 @@ def test_headroom_on_native_cgroup_v2(tmp_path: Path) -> None:
     # the leaf's memory.max (256 MiB, 16 MiB left) binds before the scope's memory.high (512 MiB)
     assert [e.kill_reason for e in got.events] == ["cgroup_headroom"]
     assert got.events[0].signals["limit_kib"] == 256 * MIB_KIB  # type: ignore[index]
-    assert got.events[0].victims == {21} and check.wake_fds() == []  # no eventfd thresholds on v2
+    assert got.events[0].victims == {21}
+    assert check.wake_fds() == {}  # no memory.events file in this fake tree: the adaptive period alone
+    check.close()
+    (leaf / "memory.events").write_text("low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\n")
+    check = HeadroomCheck(scope, SignalsConfig(), ProcFs(proc), None, str(v2), tmp_path / "sys")
+    check.check(0)
+    assert list(check.wake_fds().values()) == [select.POLLPRI]  # v2: memory.events polls POLLPRI
     check.close()
