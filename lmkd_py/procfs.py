@@ -248,7 +248,8 @@ def subtree_pids(directory: Path) -> set[int]:
     that vanishes or cannot be read while walking is skipped: cgroups come and go.
 
     A cgroup directory's link count is 2 plus its number of child cgroups (kernfs), so a leaf costs one
-    stat instead of a directory listing: ~45 us for a leaf here, against ~75 us with os.walk."""
+    stat instead of a directory listing: ~45 us for a leaf here, against ~75 us with os.walk. Any other
+    count is listed (btrfs, say, reports 1 for every directory of a fake tree)."""
     pids: set[int] = set()
     stack = [str(directory)]
     while stack:
@@ -256,7 +257,7 @@ def subtree_pids(directory: Path) -> set[int]:
         try:
             with open(cur + "/cgroup.procs") as fh:
                 pids.update(int(x) for x in fh.read().split())
-            if os.stat(cur).st_nlink > 2:
+            if os.stat(cur).st_nlink != 2:
                 with os.scandir(cur) as it:
                     stack.extend(e.path for e in it if e.is_dir(follow_symlinks=False))
         except (OSError, ValueError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from lmkd_py.procfs import (
@@ -136,3 +138,16 @@ def test_memcg_v1_path_of_a_hybrid_host() -> None:
     text = "9:name=systemd:/\n4:memory:/process_api/a8cf\n3:cpuset:/\n0::/lmkd-h-signals-x\n"
     assert memcg_v1_path(parse_cgroup(text)) == "/process_api/a8cf"
     assert memcg_v1_path([CgroupEntry(0, (), "/only-v2")]) is None
+
+
+def test_subtree_pids_walks_children_and_skips_what_vanishes(tmp_path: Path) -> None:
+    from lmkd_py.procfs import subtree_pids
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "c").mkdir()  # a child without cgroup.procs (being removed): skipped
+    (tmp_path / "cgroup.procs").write_text("1\n")
+    (tmp_path / "a" / "cgroup.procs").write_text("2\n3\n")
+    (tmp_path / "a" / "b" / "cgroup.procs").write_text("4\n")
+    assert subtree_pids(tmp_path) == {1, 2, 3, 4}
+    assert subtree_pids(tmp_path / "a" / "b") == {4}
+    assert subtree_pids(tmp_path / "gone") == set()
