@@ -125,7 +125,7 @@ def reconfigure(daemon: Daemon, new: Config, asm: Assembly) -> str | None:
             return f"{key} changed ({a!r} -> {b!r}): that needs a restart"
     try:
         rules = asm.rules(new)
-        source = asm.source(new) if new.pressure != old.pressure else None
+        source = asm.source(new) if (new.pressure, new.signals) != (old.pressure, old.signals) else None
         writer = asm.writer(new) if new.records != old.records else None
     except OSError as exc:
         return f"cannot apply: {exc}"
