@@ -86,8 +86,8 @@ class PressureConfig(_Frozen):
         le=50.0,
         description="also act when free memory (MemAvailable + per-CPU free lists) falls below this % of "
         "MemTotal: without swap or page cache, memory runs out before PSI stalls build up and the kernel OOM "
-        "killer would act first. Checked every second, every 100 ms when within 4x of the floor. None: off. "
-        "System-wide, so not used with pressure.cgroup",
+        "killer would act first. Checked on the signals' adaptive period (signals.alloc_rate_mib_s). None: off. "
+        "System-wide, so not used with pressure.cgroup (there cgroup headroom watches the limit)",
     )
     mem_floor_min_oom_score_adj: int = Field(
         default=0, ge=-999, le=1000, description="lowest oom_score_adj the memory floor may kill"
