@@ -104,12 +104,15 @@ def cgroup() -> Iterator[object]:
 class Daemon:
     """``lmkd-py`` (real mode) scoped to the test's v2 cgroup; stderr collected by a thread."""
 
-    def __init__(self, tmp: Path, scope: Path, extra: str = "") -> None:
+    def __init__(self, tmp: Path, scope: Path, config: str | None = None) -> None:
+        """``config``: TOML text; None runs on the built-in defaults (no --config), as a new user would."""
         self.records = tmp / "records.jsonl"
-        cfg = tmp / "lmkd.toml"
-        cfg.write_text("[kill]\nmin_interval_ms = 500\n" + extra)
+        args = []
+        if config is not None:
+            (tmp / "lmkd.toml").write_text(config)
+            args = ["--config", str(tmp / "lmkd.toml")]
         self.p = subprocess.Popen(
-            [sys.executable, "-m", "lmkd_py.cli", "--config", str(cfg), "--cgroup", str(scope), "--records",
+            [sys.executable, "-m", "lmkd_py.cli", *args, "--cgroup", str(scope), "--records",
              str(self.records), "--duration", "60", "--tracing", "off", "--log-format", "json"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
@@ -157,7 +160,7 @@ def test_headroom_kills_the_grower_before_the_memcg_oom_killer(cgroup: object, t
     grower = Grower(step_mib=3, period_ms=20, cap_mib=2048)  # 150 MiB/s, far past the 256 MiB limit
     try:
         cg.add(grower.pid)  # type: ignore[attr-defined]
-        d = Daemon(tmp_path, cg.v2_path)  # type: ignore[attr-defined]
+        d = Daemon(tmp_path, cg.v2_path)  # type: ignore[attr-defined]  # the built-in defaults
         try:
             t0 = time.monotonic()
             grower.go()
@@ -177,7 +180,8 @@ def test_headroom_kills_the_grower_before_the_memcg_oom_killer(cgroup: object, t
         assert sig["limit_kib"] == 256 * 1024 and sig["headroom_kib"] < sig["threshold_kib"], sig
         assert grower.p.returncode == -signal.SIGKILL
         assert cg.oom_kill_count() == oom_before, "the kernel's memcg OOM killer acted"  # type: ignore[attr-defined]
-        print(f"grower killed {died_s * 1000:.0f} ms after go at usage {sig['usage_kib']} KiB; signals {sig}")
+        print(f"grower killed {died_s * 1000:.0f} ms after go at usage {sig['usage_kib']} KiB, decision "
+              f"{pressure['decision_latency_ns'] / 1e6:.2f} ms; signals {sig}")  # type: ignore[index]
     finally:
         grower.kill()
 
