@@ -10,7 +10,9 @@ limits that matter are those of the memcgs the scope's processes are in, and the
   ``memory`` line in /proc/PID/cgroup, ``memory.usage_in_bytes`` against ``memory.limit_in_bytes``,
   swap from ``memory.memsw.*`` (usage + swap, Documentation/admin-guide/cgroup-v1/memory.rst).
 
-Headroom = (limit - usage) + the swap the memcg may still use: the least of its own swap allowance
+Headroom = (limit - usage) + its file cache (the kernel reclaims that before an OOM kill; a memcg full
+of page cache is not out of memory, and its thrashing is PSI's to see) + the swap the memcg may still
+use: the least of its own swap allowance
 (memsw limit - memsw usage - RAM room, or swap.max - swap.current) and the system's usable free swap
 (reasons.swap_free_kib: zram mem_limit aware). A memcg at its limit that swaps into zram is working as
 designed; it runs out when the swap it may use runs out. A v1 memcg with ``memory.swappiness`` 0 does
@@ -43,6 +45,7 @@ from lmkd_py.procfs import (
     ProcParseError,
     cgroup_v2_path,
     memcg_v1_path,
+    parse_flat_keyed,
     parse_memcg_bytes,
     parse_meminfo,
     parse_swaps,
@@ -167,6 +170,15 @@ class Memcg:
                 os.eventfd_read(self.efd)
             else:
                 os.pread(self.efd, 4096, 0)
+
+    def file_lru_kib(self) -> int:
+        """Page cache on the memcg's LRU lists (active + inactive file, its subtree included): the kernel
+        reclaims it before it OOM-kills. Shmem sits on the anon lists and does not count. Raises OSError
+        when the memcg is gone."""
+        with open(f"{self.directory}/memory.stat") as fh:
+            stat = parse_flat_keyed(fh.read())
+        prefix = "total_" if self.v1 else ""  # v1: the total_* lines cover the subtree, as usage does
+        return (stat.get(prefix + "inactive_file", 0) + stat.get(prefix + "active_file", 0)) // 1024
 
     @property
     def wake_events(self) -> int:
@@ -328,17 +340,22 @@ class HeadroomCheck:
                     zram[d.zram] = parse_zram_mm_stat((self.sys_root / "block" / d.zram / "mm_stat").read_text())
         return swap_free_kib(mi, swaps, zram, self.cfg.swap_compression_ratio)
 
-    def measure(self, m: Memcg, sys_swap: int | None) -> tuple[Reading, int, int, int] | None:
-        """(reading, RAM room, swap room, threshold) of one memcg; None when gone or unlimited."""
+    def measure(self, m: Memcg, sys_swap: int | None) -> tuple[Reading, int, int, int, int] | None:
+        """(reading, RAM room, swap room, threshold, file cache counted) of one memcg; None when gone or
+        unlimited. The RAM room includes the memcg's file cache, but memory.stat (~70 us here) is only
+        read when the room without it is below the threshold: a full memcg of page cache is not out of
+        memory (its thrashing is PSI's to see)."""
         try:
             r = m.read(swap=sys_swap is not None)
+            if r is None:
+                return None
+            ram, swap = headroom(r, sys_swap, m.can_swap)
+            thr = threshold_kib(r.limit_kib, self.cfg)
+            cache = m.file_lru_kib() if ram + swap < thr else 0
         except (OSError, ProcParseError) as exc:
             self._forget(m.directory, str(exc))
             return None
-        if r is None:
-            return None
-        ram, swap = headroom(r, sys_swap, m.can_swap)
-        return r, ram, swap, threshold_kib(r.limit_kib, self.cfg)
+        return r, ram + cache, swap, thr, cache
 
     def check(self, now_ns: int) -> CheckResult:
         for m in self._memcgs.values():
@@ -347,26 +364,26 @@ class HeadroomCheck:
         if not self._memcgs:
             return CheckResult()
         sys_swap = self.sys_swap_free()
-        worst: tuple[int, Memcg, tuple[Reading, int, int, int]] | None = None
+        worst: tuple[int, Memcg, tuple[Reading, int, int, int, int]] | None = None
         for m in list(self._memcgs.values()):
             got = self.measure(m, sys_swap)
             if got is None:
                 continue
-            r, ram, swap, thr = got
+            r, ram, swap, thr, _cache = got
             m.arm(r.limit_kib, 2 * thr)
             margin = ram + swap - thr
             if worst is None or margin < worst[0]:
                 worst = (margin, m, got)
         if worst is None:
             return CheckResult()
-        margin, m, (r, ram, swap, thr) = worst
+        margin, m, (r, ram, swap, thr, cache) = worst
         if margin >= 0:
             return CheckResult(margin_kib=margin)
         swapped = bool(r.swap_used_kib)
         reason = "low_mem_and_swap" if swapped else "cgroup_headroom"
         signals: dict[str, float | int | None] = {
             "usage_kib": r.usage_kib, "limit_kib": r.limit_kib, "headroom_kib": ram + swap,
-            "threshold_kib": thr, "swap_free_kib": swap, "swap_used_kib": r.swap_used_kib,
+            "threshold_kib": thr, "swap_free_kib": swap, "swap_used_kib": r.swap_used_kib, "file_cache_kib": cache,
         }
         event = PressureEvent(self.swap_level if swapped else self.level, now_ns, "headroom",
                               f"memcg {m.label}: headroom {ram + swap} KiB < {thr} KiB", kill_reason=reason,
@@ -383,7 +400,7 @@ class HeadroomCheck:
         got = self.measure(m, self.sys_swap_free())
         if got is None:
             return False
-        _r, ram, swap, thr = got
+        _r, ram, swap, thr, _cache = got
         return ram + swap < thr
 
     def wake_fds(self) -> Mapping[int, int]:

@@ -570,6 +570,21 @@ def parse_memcg_bytes(text: str) -> int | None:
     return None if n >= MEMCG_UNLIMITED_BYTES else n
 
 
+def parse_flat_keyed(text: str) -> dict[str, int]:
+    """A cgroup "flat keyed" file (``key value`` lines: memory.stat, memory.events; cgroup-v2.rst
+    "Interface Files"). memory.stat values are bytes, memory.events values counts."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if not value:
+            continue
+        try:
+            out[key] = int(value)
+        except ValueError:
+            raise ProcParseError(f"cgroup file: {key} is not a number: {value.strip()[:40]!r}") from None
+    return out
+
+
 def memcg_v1_path(entries: list[CgroupEntry]) -> str | None:
     """The cgroup v1 memory controller path of a process (``4:memory:/a/b`` -> ``/a/b``), or None
     when the memory controller is not mounted as v1."""

@@ -188,8 +188,13 @@ def test_headroom_counts_the_swap_the_memcg_may_still_use() -> None:
     assert threshold_kib(4096 * MIB_KIB, cfg) == round(4096 * MIB_KIB * 0.05)  # 5 % of a large limit
 
 
-def _memcg(d: Path, *, limit_mib: int | None, usage_mib: int, memsw: tuple[int, int] | None = None) -> None:
+def _memcg(d: Path, *, limit_mib: int | None, usage_mib: int, memsw: tuple[int, int] | None = None,
+           cache_mib: int = 0) -> None:
     d.mkdir(parents=True, exist_ok=True)
+    # v1 memory.stat as this kernel writes it (trimmed): the memcg's own lines, then the subtree's total_*
+    (d / "memory.stat").write_text(f"cache 0\nrss 0\ninactive_file 0\nactive_file 0\n"
+                                   f"total_cache {cache_mib << 20}\ntotal_inactive_file {(cache_mib << 20) // 2}\n"
+                                   f"total_active_file {(cache_mib << 20) - (cache_mib << 20) // 2}\n")
     (d / "memory.limit_in_bytes").write_text(str(limit_mib << 20) if limit_mib else "9223372036854771712\n")
     (d / "memory.usage_in_bytes").write_text(str(usage_mib << 20))
     (d / "memory.swappiness").write_text("60\n")
@@ -229,10 +234,18 @@ def test_headroom_fires_for_the_memcg_running_out_and_names_only_its_processes(t
         ev = got.events[0]
         assert ev.kill_reason == "cgroup_headroom" and ev.mechanism == "headroom" and ev.victims == {12}
         assert ev.signals == {"usage_kib": 120 * MIB_KIB, "limit_kib": 128 * MIB_KIB, "headroom_kib": 8 * MIB_KIB,
-                              "threshold_kib": 32 * MIB_KIB, "swap_free_kib": 0, "swap_used_kib": None}
+                              "threshold_kib": 32 * MIB_KIB, "swap_free_kib": 0, "swap_used_kib": None,
+                              "file_cache_kib": 0}
         assert ev.still is not None and ev.still()
         (v1 / "b" / "memory.usage_in_bytes").write_text(str(20 << 20))  # the kill gave memory back
         assert not ev.still()
+        # a memcg at its limit with page cache to reclaim is not out of memory
+        _memcg(v1 / "b", limit_mib=128, usage_mib=126, cache_mib=60)
+        got = check.check(3)
+        assert got.events == [] and got.margin_kib == (128 - 126 + 60 - 32) * MIB_KIB
+        _memcg(v1 / "b", limit_mib=128, usage_mib=126, cache_mib=20)
+        got = check.check(4)
+        assert [e.signals["file_cache_kib"] for e in got.events] == [20 * MIB_KIB]  # type: ignore[index]
     finally:
         check.close()
 
@@ -292,6 +305,7 @@ def test_headroom_on_native_cgroup_v2(tmp_path: Path) -> None:
     (proc / "21" / "cgroup").write_text("0::/scope/job\n")
     (proc / "meminfo").write_text("MemTotal: 24000000 kB\nSwapTotal: 0 kB\nSwapFree: 0 kB\n")
     for d, mx, high, cur in ((scope, "max", str(512 << 20), 300 << 20), (leaf, str(256 << 20), "max", 300 << 20)):
+        (d / "memory.stat").write_text("anon 251658240\nfile 4194304\ninactive_file 2097152\nactive_file 1048576\n")
         (d / "memory.max").write_text(mx + "\n")
         (d / "memory.high").write_text(high + "\n")
         (d / "memory.current").write_text(str(cur))
@@ -301,6 +315,7 @@ def test_headroom_on_native_cgroup_v2(tmp_path: Path) -> None:
     # the leaf's memory.max (256 MiB, 16 MiB left) binds before the scope's memory.high (512 MiB)
     assert [e.kill_reason for e in got.events] == ["cgroup_headroom"]
     assert got.events[0].signals["limit_kib"] == 256 * MIB_KIB  # type: ignore[index]
+    assert got.events[0].signals["headroom_kib"] == 16 * MIB_KIB + 3 * MIB_KIB  # type: ignore[index]
     assert got.events[0].victims == {21}
     assert check.wake_fds() == {}  # no memory.events file in this fake tree: the adaptive period alone
     check.close()

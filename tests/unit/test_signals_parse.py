@@ -151,3 +151,13 @@ def test_subtree_pids_walks_children_and_skips_what_vanishes(tmp_path: Path) -> 
     assert subtree_pids(tmp_path) == {1, 2, 3, 4}
     assert subtree_pids(tmp_path / "a" / "b") == {4}
     assert subtree_pids(tmp_path / "gone") == set()
+
+
+def test_flat_keyed_cgroup_files() -> None:
+    from lmkd_py.procfs import parse_flat_keyed
+
+    assert parse_flat_keyed("low 0\nhigh 3\nmax 12\noom 1\noom_kill 1\n")["max"] == 12
+    stat = parse_flat_keyed("cache 4096\ntotal_inactive_file 8192\ntotal_active_file 4096\n\n")
+    assert stat == {"cache": 4096, "total_inactive_file": 8192, "total_active_file": 4096}
+    with pytest.raises(ProcParseError, match="oom"):
+        parse_flat_keyed("oom many\n")
