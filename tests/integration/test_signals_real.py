@@ -363,3 +363,38 @@ def test_a_kernfs_notification_wakes_the_loop_at_once(mode: str) -> None:
                 break
             except OSError:
                 time.sleep(0.05)
+
+
+def test_a_v1_usage_threshold_wakes_the_headroom_check(cgroup: object) -> None:
+    """The eventfd armed at twice the kill threshold below the limit (256 - 64 MiB) fires when a grower
+    crosses it, long before the adaptive period (set to 5 s here) would have looked again."""
+    from lmkd_py.config import Level, SignalsConfig
+    from lmkd_py.headroom import HeadroomCheck
+    from lmkd_py.procfs import ProcFs
+    from lmkd_py.psi import open_source
+    from lmkd_py.signals import AdaptiveSource
+
+    cg = cgroup
+    (cg.v1_path / "memory.swappiness").write_text("0")  # type: ignore[attr-defined]
+    grower = Grower(step_mib=8, period_ms=20, cap_mib=208)  # 400 MiB/s up to 208 MiB: past 192, below 224
+    try:
+        cg.add(grower.pid)  # type: ignore[attr-defined]
+        level = Level(name="low", stall="some", threshold_us=500_000, window_us=2_000_000, min_oom_score_adj=1001)
+        inner = open_source("auto", cg.pressure_file, [level], 10_000_000_000)  # type: ignore[attr-defined]
+        check = HeadroomCheck.open(cg.v2_path, SignalsConfig(), ProcFs())  # type: ignore[attr-defined]
+        src = AdaptiveSource(inner, [check], rate_kib_s=1, min_ns=10_000_000, max_ns=5_000_000_000)
+        try:
+            assert src.wait(None) == [] and len(check.wake_fds()) == 1  # armed at the first look
+            assert src.last_period_ns == 5_000_000_000  # a 1 KiB/s "allocation rate": the longest period
+            grower.go()
+            t0 = time.monotonic()
+            events = src.wait(None)
+            woke_s = time.monotonic() - t0
+            usage_mib = int((cg.v1_path / "memory.usage_in_bytes").read_text()) >> 20  # type: ignore[attr-defined]
+            assert woke_s < 2.0, f"no wake from the usage threshold ({woke_s:.2f} s)"
+            assert usage_mib >= 190 and events == [], (usage_mib, events)
+            print(f"threshold wake {woke_s * 1000:.0f} ms after go at {usage_mib} MiB")
+        finally:
+            src.close()
+    finally:
+        grower.kill()
