@@ -188,15 +188,45 @@ def test_headroom_kills_the_grower_before_the_memcg_oom_killer(cgroup: object, t
 
 # -- (b) zram -----------------------------------------------------------------------------------------
 
+def _swap_used_kib(dev: Path) -> int | None:
+    """KiB in use on ``dev`` per /proc/swaps, None when it is not a swap area (any more)."""
+    from lmkd_py.procfs import parse_swaps
+
+    for d in parse_swaps(Path("/proc/swaps").read_text()):
+        if d.name == str(dev):
+            return d.used_kib
+    return None
+
+
+def _swapoff_when_only_ours(dev: Path, sysdir: Path, idx: int, wait_s: float = 120.0) -> None:
+    """swapoff once nothing is left on ``dev``. While it exists it is every memcg's swap: other people's
+    processes at their limit swap into it, and swapping their pages off charges them back to their
+    memcgs, whose OOM killer then kills them (seen on this host: four processes of a benchmark's memcg).
+    Ours are dead by now, so wait for the rest to go; if it does not, leave the device and say how to
+    remove it rather than kill what we did not start."""
+    deadline = time.monotonic() + wait_s
+    used = _swap_used_kib(dev)
+    while used and time.monotonic() < deadline:
+        time.sleep(0.5)
+        used = _swap_used_kib(dev)
+    if used:
+        raise RuntimeError(
+            f"{dev} still holds {used} KiB of other processes' swap after {wait_s:.0f} s: not swapped off (that "
+            f"would OOM-kill them in their memcgs). Remove it later: swapoff {dev} && echo 1 > {sysdir}/reset "
+            f"&& echo {idx} > {ZRAM_CONTROL}/hot_remove")
+    if used is not None:
+        subprocess.run(["swapoff", str(dev)], check=True, capture_output=True)
+
+
 @contextlib.contextmanager
 def zram_swap(disksize_mib: int) -> Iterator[Path]:
-    """A zram swap device of its own (hot_add); always swapoff + reset + hot_remove afterwards."""
+    """A zram swap device of its own (hot_add); swapoff (see _swapoff_when_only_ours), reset and
+    hot_remove afterwards, also on failure. A failed clean-up raises: it must not go unnoticed."""
     if not (ZRAM_CONTROL / "hot_add").exists():
         pytest.skip("no /sys/class/zram-control (zram module not loaded)")
     idx = int((ZRAM_CONTROL / "hot_add").read_text())
     dev = Path(f"/dev/zram{idx}")
     sysdir = Path(f"/sys/block/zram{idx}")
-    swapped_on = False
     try:
         (sysdir / "disksize").write_text(str(disksize_mib * MIB))
         for _ in range(50):  # udev may take a moment to make the node
@@ -205,15 +235,11 @@ def zram_swap(disksize_mib: int) -> Iterator[Path]:
             time.sleep(0.05)
         subprocess.run(["mkswap", str(dev)], check=True, capture_output=True)
         subprocess.run(["swapon", str(dev)], check=True, capture_output=True)
-        swapped_on = True
         yield sysdir
     finally:
-        if swapped_on:
-            subprocess.run(["swapoff", str(dev)], check=False, capture_output=True)
-        with contextlib.suppress(OSError):
-            (sysdir / "reset").write_text("1")
-        with contextlib.suppress(OSError):
-            (ZRAM_CONTROL / "hot_remove").write_text(str(idx))
+        _swapoff_when_only_ours(dev, sysdir, idx)
+        (sysdir / "reset").write_text("1")
+        (ZRAM_CONTROL / "hot_remove").write_text(str(idx))
 
 
 NO_PSI_KILLS = """
@@ -240,7 +266,9 @@ def test_zram_grower_is_killed_for_swap_and_a_mere_swapper_is_not(tmp_path: Path
         pytest.skip(missing)
     from lmkd_py.stress import PressureCgroup
 
-    with zram_swap(512) as zdir, \
+    # 320 MiB: what this test needs (128 MiB for the grower, ~80 MiB for the swapper) and no more, since
+    # every memcg on the host may swap into it while it exists.
+    with zram_swap(320) as zdir, \
             PressureCgroup(f"lmkd-h-signals-{uuid.uuid4().hex[:8]}", limit_mib=128) as swapper_cg, \
             PressureCgroup(f"lmkd-h-signals-{uuid.uuid4().hex[:8]}", limit_mib=128) as grower_cg:
         _set_memsw(swapper_cg, 512)
