@@ -57,6 +57,7 @@ from lmkd_py.reasons import swap_free_kib
 from lmkd_py.signals import CheckResult, signal_level
 
 log = structlog.get_logger("lmkd_py.headroom")
+CHAINS_TTL_NS = 10_000_000_000  # how long the list of a memcg's limited ancestors is trusted
 
 
 @dataclass(frozen=True)
@@ -226,6 +227,7 @@ class HeadroomCheck:
     _chains: dict[str, list[str]] = field(default_factory=dict)  # leaf dir -> limited dirs (leaf first)
     _logged: set[str] = field(default_factory=set)
     _v2: bool = False
+    _chains_ns: int = -(1 << 62)
 
     def __post_init__(self) -> None:
         self.level = signal_level("cgroup_headroom", self.cfg.headroom_min_oom_score_adj)
@@ -295,16 +297,20 @@ class HeadroomCheck:
         except OSError:
             return True
 
-    def refresh(self) -> None:
-        """Resolve the memcgs of pids new to the scope; forget pids that left."""
+    def refresh(self, now_ns: int = 0) -> None:
+        """Resolve the memcgs of pids new to the scope; forget pids that left. The limited ancestors of
+        each memcg are looked up again every CHAINS_TTL_NS, so a limit set later is picked up."""
+        if now_ns - self._chains_ns >= CHAINS_TTL_NS:
+            self._chains_ns = now_ns
+            self._chains.clear()
         pids = subtree_pids(self.scope_dir)
         if not pids and not self.scope_dir.exists():
             self._once("headroom.scope_gone", scope=str(self.scope_dir), effect="no headroom to watch")
         for pid in set(self._pid_leaf) - pids:
             del self._pid_leaf[pid]
         for pid in pids - set(self._pid_leaf):
-            leaf = self._leaf(pid)
-            self._pid_leaf[pid] = leaf
+            self._pid_leaf[pid] = self._leaf(pid)
+        for leaf in set(self._pid_leaf.values()):
             if leaf is not None and leaf not in self._chains:
                 self._chains[leaf] = self._chain(leaf)
         live = {d for leaf in set(self._pid_leaf.values()) if leaf for d in self._chains.get(leaf, [])}
@@ -360,7 +366,7 @@ class HeadroomCheck:
     def check(self, now_ns: int) -> CheckResult:
         for m in self._memcgs.values():
             m.drain()
-        self.refresh()
+        self.refresh(now_ns)
         if not self._memcgs:
             return CheckResult()
         sys_swap = self.sys_swap_free()

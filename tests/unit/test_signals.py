@@ -324,3 +324,19 @@ def test_headroom_on_native_cgroup_v2(tmp_path: Path) -> None:
     check.check(0)
     assert list(check.wake_fds().values()) == [select.POLLPRI]  # v2: memory.events polls POLLPRI
     check.close()
+
+
+def test_a_limit_set_later_is_picked_up(tmp_path: Path) -> None:
+    from lmkd_py.headroom import CHAINS_TTL_NS
+
+    check, v1, _proc = _hybrid(tmp_path)
+    try:
+        _memcg(v1 / "a", limit_mib=None, usage_mib=120)
+        _memcg(v1 / "b", limit_mib=None, usage_mib=10)
+        assert check.check(0).margin_kib is None  # nothing limited yet
+        _memcg(v1 / "a", limit_mib=128, usage_mib=120)
+        assert check.check(1).events == []  # not looked up again yet
+        got = check.check(CHAINS_TTL_NS)
+        assert [e.victims for e in got.events] == [{11}]
+    finally:
+        check.close()
