@@ -23,11 +23,13 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from lmkd_py.stress import PressureCgroup
 from tests.conftest import needs_root
 
 pytestmark = [needs_root, pytest.mark.slow]
@@ -91,12 +93,10 @@ class Grower:
 
 
 @pytest.fixture
-def cgroup() -> Iterator[object]:
+def cgroup() -> Iterator[PressureCgroup]:
     missing = _missing()
     if missing:
         pytest.skip(missing)
-    from lmkd_py.stress import PressureCgroup
-
     with PressureCgroup(f"lmkd-h-signals-{uuid.uuid4().hex[:8]}", limit_mib=256) as cg:
         yield cg
 
@@ -128,7 +128,7 @@ class Daemon:
             if '"daemon.ready"' in line:
                 self.ready.set()
 
-    def recs(self) -> list[dict[str, object]]:
+    def recs(self) -> list[dict[str, Any]]:
         if not self.records.exists():
             return []
         return [json.loads(x) for x in self.records.read_text().splitlines() if x.strip()]
@@ -144,23 +144,23 @@ class Daemon:
         return "".join(self.lines[-40:])
 
 
-def _wait(pred: object, timeout: float) -> bool:
+def _wait(pred: Callable[[], object], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if pred():  # type: ignore[operator]
+        if pred():
             return True
         time.sleep(0.05)
     return False
 
 
-def test_headroom_kills_the_grower_before_the_memcg_oom_killer(cgroup: object, tmp_path: Path) -> None:
+def test_headroom_kills_the_grower_before_the_memcg_oom_killer(cgroup: PressureCgroup, tmp_path: Path) -> None:
     cg = cgroup
-    (cg.v1_path / "memory.swappiness").write_text("0")  # type: ignore[attr-defined]  # no swap, whatever the host has
-    oom_before = cg.oom_kill_count()  # type: ignore[attr-defined]
+    (cg.v1_path / "memory.swappiness").write_text("0")  # no swap, whatever the host has
+    oom_before = cg.oom_kill_count()
     grower = Grower(step_mib=3, period_ms=20, cap_mib=2048)  # 150 MiB/s, far past the 256 MiB limit
     try:
-        cg.add(grower.pid)  # type: ignore[attr-defined]
-        d = Daemon(tmp_path, cg.v2_path)  # type: ignore[attr-defined]  # the built-in defaults
+        cg.add(grower.pid)
+        d = Daemon(tmp_path, cg.v2_path)  # the built-in defaults
         try:
             t0 = time.monotonic()
             grower.go()
@@ -172,16 +172,16 @@ def test_headroom_kills_the_grower_before_the_memcg_oom_killer(cgroup: object, t
         recs = d.recs()
         assert code == 0, d.log()
         first = recs[0]
-        assert first["victim"]["pid"] == grower.pid, first  # type: ignore[index]
+        assert first["victim"]["pid"] == grower.pid, first
         assert first["outcome"] == "killed", first
         pressure = first["pressure"]
-        assert pressure["kill_reason"] == "cgroup_headroom", pressure  # type: ignore[index]
-        sig = pressure["signals"]  # type: ignore[index]
+        assert pressure["kill_reason"] == "cgroup_headroom", pressure
+        sig = pressure["signals"]
         assert sig["limit_kib"] == 256 * 1024 and sig["headroom_kib"] < sig["threshold_kib"], sig
         assert grower.p.returncode == -signal.SIGKILL
-        assert cg.oom_kill_count() == oom_before, "the kernel's memcg OOM killer acted"  # type: ignore[attr-defined]
+        assert cg.oom_kill_count() == oom_before, "the kernel's memcg OOM killer acted"
         print(f"grower killed {died_s * 1000:.0f} ms after go at usage {sig['usage_kib']} KiB, decision "
-              f"{pressure['decision_latency_ns'] / 1e6:.2f} ms; signals {sig}")  # type: ignore[index]
+              f"{pressure['decision_latency_ns'] / 1e6:.2f} ms; signals {sig}")
     finally:
         grower.kill()
 
@@ -252,8 +252,8 @@ min_oom_score_adj = 1001
 """
 
 
-def _set_memsw(cg: object, memsw_mib: int) -> None:
-    v1: Path = cg.v1_path  # type: ignore[attr-defined]
+def _set_memsw(cg: PressureCgroup, memsw_mib: int) -> None:
+    v1 = cg.v1_path
     if not (v1 / "memory.memsw.limit_in_bytes").exists():
         pytest.skip("no memory.memsw.* (swap accounting off: swapaccount=0)")
     (v1 / "memory.swappiness").write_text("60")
@@ -264,8 +264,6 @@ def test_zram_grower_is_killed_for_swap_and_a_mere_swapper_is_not(tmp_path: Path
     missing = _missing()
     if missing:
         pytest.skip(missing)
-    from lmkd_py.stress import PressureCgroup
-
     # 320 MiB: what this test needs (128 MiB for the grower, ~80 MiB for the swapper) and no more, since
     # every memcg on the host may swap into it while it exists.
     with zram_swap(320) as zdir, \
@@ -309,16 +307,16 @@ def test_zram_grower_is_killed_for_swap_and_a_mere_swapper_is_not(tmp_path: Path
                     code = d.stop()
                 recs = d.recs()
                 assert code == 0, d.log()
-                assert [r["victim"]["pid"] for r in recs] == [grower.pid], recs  # type: ignore[index]
+                assert [r["victim"]["pid"] for r in recs] == [grower.pid], recs
                 pressure = recs[0]["pressure"]
-                assert pressure["kill_reason"] == "low_mem_and_swap", pressure  # type: ignore[index]
-                assert pressure["signals"]["swap_used_kib"] > 0, pressure  # type: ignore[index]
+                assert pressure["kill_reason"] == "low_mem_and_swap", pressure
+                assert pressure["signals"]["swap_used_kib"] > 0, pressure
                 assert grower.p.returncode == -signal.SIGKILL
                 assert swapper.p.poll() is None, "the swapper was killed"
                 assert (swapper_cg.oom_kill_count(), grower_cg.oom_kill_count()) == oom_before
                 mm = (zdir / "mm_stat").read_text().split()
                 print(f"zram mm_stat at the end: orig {int(mm[0]) >> 20} MiB compr {int(mm[1]) >> 20} MiB; "
-                      f"signals {pressure['signals']}")  # type: ignore[index]
+                      f"signals {pressure['signals']}")
             finally:
                 grower.kill()
                 swapper.kill()
@@ -393,7 +391,7 @@ def test_a_kernfs_notification_wakes_the_loop_at_once(mode: str) -> None:
                 time.sleep(0.05)
 
 
-def test_a_v1_usage_threshold_wakes_the_headroom_check(cgroup: object) -> None:
+def test_a_v1_usage_threshold_wakes_the_headroom_check(cgroup: PressureCgroup) -> None:
     """The eventfd armed at twice the kill threshold below the limit (256 - 64 MiB) fires when a grower
     crosses it, long before the adaptive period (set to 5 s here) would have looked again."""
     from lmkd_py.config import Level, SignalsConfig
@@ -403,13 +401,13 @@ def test_a_v1_usage_threshold_wakes_the_headroom_check(cgroup: object) -> None:
     from lmkd_py.signals import AdaptiveSource
 
     cg = cgroup
-    (cg.v1_path / "memory.swappiness").write_text("0")  # type: ignore[attr-defined]
+    (cg.v1_path / "memory.swappiness").write_text("0")
     grower = Grower(step_mib=8, period_ms=20, cap_mib=208)  # 400 MiB/s up to 208 MiB: past 192, below 224
     try:
-        cg.add(grower.pid)  # type: ignore[attr-defined]
+        cg.add(grower.pid)
         level = Level(name="low", stall="some", threshold_us=500_000, window_us=2_000_000, min_oom_score_adj=1001)
-        inner = open_source("auto", cg.pressure_file, [level], 10_000_000_000)  # type: ignore[attr-defined]
-        check = HeadroomCheck.open(cg.v2_path, SignalsConfig(), ProcFs())  # type: ignore[attr-defined]
+        inner = open_source("auto", cg.pressure_file, [level], 10_000_000_000)
+        check = HeadroomCheck.open(cg.v2_path, SignalsConfig(), ProcFs())
         src = AdaptiveSource(inner, [check], rate_kib_s=1, min_ns=10_000_000, max_ns=5_000_000_000)
         try:
             assert src.wait(None) == [] and len(check.wake_fds()) == 1  # armed at the first look
@@ -418,7 +416,7 @@ def test_a_v1_usage_threshold_wakes_the_headroom_check(cgroup: object) -> None:
             t0 = time.monotonic()
             events = src.wait(None)
             woke_s = time.monotonic() - t0
-            usage_mib = int((cg.v1_path / "memory.usage_in_bytes").read_text()) >> 20  # type: ignore[attr-defined]
+            usage_mib = int((cg.v1_path / "memory.usage_in_bytes").read_text()) >> 20
             assert woke_s < 2.0, f"no wake from the usage threshold ({woke_s:.2f} s)"
             assert usage_mib >= 190 and events == [], (usage_mib, events)
             print(f"threshold wake {woke_s * 1000:.0f} ms after go at {usage_mib} MiB")

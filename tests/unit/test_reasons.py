@@ -73,7 +73,8 @@ def test_swap_free_is_the_least_of_swapfree_zram_room_and_easy_memory() -> None:
 
 
 def sample(*, free_pages: int = 10_000, refault: int = 0, direct: int = 0, kswapd: int = 0,
-           swap_free: int | None = None, swap_total: int = 0, lru: int = LRU, extra: dict | None = None) -> Sample:
+           swap_free: int | None = None, swap_total: int = 0, lru: int = LRU,
+           extra: dict[str, int] | None = None) -> Sample:
     mi = {"MemFree": free_pages * PAGE_KIB, "SwapTotal": swap_total, "SwapFree": swap_free or 0, **(extra or {})}
     vs = {"workingset_refault_file": refault, "nr_active_file": lru // 2, "nr_inactive_file": lru - lru // 2,
           "pgscan_direct": direct, "pgscan_kswapd": kswapd}
@@ -81,7 +82,7 @@ def sample(*, free_pages: int = 10_000, refault: int = 0, direct: int = 0, kswap
 
 
 def state(**cfg: object) -> LmkdState:
-    c = SignalsConfig(**cfg)  # type: ignore[arg-type]
+    c = SignalsConfig.model_validate(cfg)
     return LmkdState(c, Thrashing(c.thrashing_limit_pct, c.thrashing_limit_decay_pct))
 
 

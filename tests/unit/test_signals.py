@@ -164,11 +164,11 @@ def test_wrap_sources_composes_what_applies(tmp_path: Path) -> None:
     proc = ProcFs(tmp_path)
     plain = Config(pressure=PressureConfig(mem_floor_pct=None), signals=SignalsConfig(lmkd_reasons=False))
     inner = Inner(clock)
-    assert wrap_sources(inner, plain, proc, scope_dir=None, clock=clock) is inner  # type: ignore[arg-type]
-    system = wrap_sources(inner, Config(), proc, scope_dir=None, clock=clock)  # type: ignore[arg-type]
+    assert wrap_sources(inner, plain, proc, scope_dir=None, clock=clock) is inner
+    system = wrap_sources(inner, Config(), proc, scope_dir=None, clock=clock)
     assert isinstance(system, AdaptiveSource)
     assert [type(c).__name__ for c in system.checks] == ["FloorCheck", "LmkdCheck"]
-    scoped = wrap_sources(inner, Config(), proc, scope_dir=tmp_path, clock=clock,  # type: ignore[arg-type]
+    scoped = wrap_sources(inner, Config(), proc, scope_dir=tmp_path, clock=clock,
                           mounts_path=tmp_path / "mounts")
     assert [type(c).__name__ for c in scoped.checks] == ["HeadroomCheck", "LmkdCheck"]  # type: ignore[attr-defined]
 
@@ -232,7 +232,7 @@ def test_headroom_fires_for_the_memcg_running_out_and_names_only_its_processes(t
         got = check.check(2)
         assert len(got.events) == 1 and got.margin_kib == 0
         ev = got.events[0]
-        assert ev.kill_reason == "cgroup_headroom" and ev.mechanism == "headroom" and ev.victims == {12}
+        assert ev.kill_reason == "cgroup_headroom" and ev.mechanism == "headroom" and ev.victims == frozenset({12})
         assert ev.signals == {"usage_kib": 120 * MIB_KIB, "limit_kib": 128 * MIB_KIB, "headroom_kib": 8 * MIB_KIB,
                               "threshold_kib": 32 * MIB_KIB, "swap_free_kib": 0, "swap_used_kib": None,
                               "file_cache_kib": 0}
@@ -316,7 +316,7 @@ def test_headroom_on_native_cgroup_v2(tmp_path: Path) -> None:
     assert [e.kill_reason for e in got.events] == ["cgroup_headroom"]
     assert got.events[0].signals["limit_kib"] == 256 * MIB_KIB  # type: ignore[index]
     assert got.events[0].signals["headroom_kib"] == 16 * MIB_KIB + 3 * MIB_KIB  # type: ignore[index]
-    assert got.events[0].victims == {21}
+    assert got.events[0].victims == frozenset({21})
     assert check.wake_fds() == {}  # no memory.events file in this fake tree: the adaptive period alone
     check.close()
     (leaf / "memory.events").write_text("low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\n")
@@ -337,6 +337,6 @@ def test_a_limit_set_later_is_picked_up(tmp_path: Path) -> None:
         _memcg(v1 / "a", limit_mib=128, usage_mib=120)
         assert check.check(1).events == []  # not looked up again yet
         got = check.check(CHAINS_TTL_NS)
-        assert [e.victims for e in got.events] == [{11}]
+        assert [e.victims for e in got.events] == [frozenset({11})]
     finally:
         check.close()
