@@ -86,8 +86,8 @@ class PressureConfig(_Frozen):
         le=50.0,
         description="also act when free memory (MemAvailable + per-CPU free lists) falls below this % of "
         "MemTotal: without swap or page cache, memory runs out before PSI stalls build up and the kernel OOM "
-        "killer would act first. Checked every second, every 100 ms when within 4x of the floor. None: off. "
-        "System-wide, so not used with pressure.cgroup",
+        "killer would act first. Checked on the signals' adaptive period (signals.alloc_rate_mib_s). None: off. "
+        "System-wide, so not used with pressure.cgroup (there cgroup headroom watches the limit)",
     )
     mem_floor_min_oom_score_adj: int = Field(
         default=0, ge=-999, le=1000, description="lowest oom_score_adj the memory floor may kill"
@@ -101,6 +101,104 @@ class PressureConfig(_Frozen):
         if dup:
             raise ValueError(f"duplicate level names: {sorted(dup)}")
         return levels
+
+
+class SignalsConfig(_Frozen):
+    """Decision signals besides PSI (issue 12): cgroup headroom and Android lmkd's system-wide reasons,
+    checked on an adaptive period (signals.py)."""
+
+    alloc_rate_mib_s: int = Field(
+        default=1024, ge=16, le=65536,
+        description="the fastest plausible allocation rate (MiB/s). A check never sleeps longer than this rate "
+        "needs to use up the margin left before a signal fires (earlyoom's idea), within "
+        "check_min_interval_ms..check_max_interval_ms",
+    )
+    check_min_interval_ms: int = Field(default=10, ge=1, le=1000, description="shortest check period (ms)")
+    check_max_interval_ms: int = Field(
+        default=1000, ge=10, le=60_000, description="longest check period, far from every threshold (ms)"
+    )
+    repeat_interval_ms: int = Field(
+        default=100, ge=0, le=60_000,
+        description="a signal that keeps holding is reported again at most this often (ms); one that had cleared "
+        "is reported at once. Bounds the loop's work while it cools down after a kill or finds no victim",
+    )
+    cgroup_headroom: bool = Field(
+        default=True,
+        description="under pressure.cgroup, kill when the memory cgroup(s) of the scope's processes come close "
+        "to their limit (v2 memory.max/memory.high, or the v1 memcg of each process on hybrid hosts), counting "
+        "the swap they may still use: without swap or page cache memory runs out with no stall for PSI to see",
+    )
+    headroom_min_pct: float = Field(
+        default=5.0, ge=0, le=50,
+        description="kill when a memcg's headroom (limit - usage + swap it may still use) is below this % of its "
+        "limit, or below headroom_min_kib, whichever is larger",
+    )
+    headroom_min_kib: int = Field(
+        default=32768, ge=0,
+        description="kill when a memcg's headroom is below this (KiB). 32 MiB lasts ~31 ms at 1 GiB/s: the time "
+        "to check, decide, kill and reap before the kernel's memcg OOM killer would act",
+    )
+    headroom_min_oom_score_adj: int = Field(
+        default=0, ge=-999, le=1000, description="lowest oom_score_adj a headroom kill may take"
+    )
+    lmkd_reasons: bool = Field(
+        default=True,
+        description="Android lmkd's system-wide kill reasons from swap left, thrashing, zone watermarks and direct "
+        "reclaim (low_swap_and_thrashing, low_mem_and_swap, low_mem_and_swap_util, low_mem_and_thrashing, "
+        "direct_recl_and_thrashing, low_filecache_after_thrashing)",
+    )
+    swap_free_low_pct: float = Field(
+        default=10.0, ge=0, le=100,
+        description="swap is low below this % of SwapTotal free (lmkd ro.lmk.swap_free_low_percentage, 10). "
+        "Free swap is the least of SwapFree, the room left under each zram device's mem_limit (scaled by its "
+        "compression ratio) and easily available memory x swap_compression_ratio. 0: swap is never low",
+    )
+    swap_compression_ratio: int = Field(
+        default=1, ge=0, le=100,
+        description="free swap counts at most (MemFree + Inactive(file)) x this, since zram swap takes RAM "
+        "(lmkd ro.lmk.swap_compression_ratio, 1); 0: ignore available memory",
+    )
+    swap_util_max_pct: int = Field(
+        default=100, ge=0, le=100,
+        description="low_mem_and_swap_util: below the high watermark with more than this % of anon memory swapped "
+        "out (lmkd ro.lmk.swap_util_max, 100 = off)",
+    )
+    thrashing_limit_pct: int = Field(
+        default=100, ge=0, le=10_000,
+        description="thrashing: file refaults within a 1 s window as % of the file cache (Active(file) + "
+        "Inactive(file)) at the window's start, plus the previous windows' amount halved per window "
+        "(lmkd ro.lmk.thrashing_limit, 100; 30 on low-RAM devices)",
+    )
+    thrashing_limit_decay_pct: int = Field(
+        default=10, ge=0, le=100,
+        description="after each thrashing kill the limit drops by this % until the next 1 s window "
+        "(lmkd ro.lmk.thrashing_limit_decay, 10; 50 on low-RAM devices)",
+    )
+    thrashing_critical_pct: int | None = Field(
+        default=None, ge=0,
+        description="thrashing this heavy may kill perceptible processes (lmkd ro.lmk.thrashing_limit_critical; "
+        "default None = 2 x thrashing_limit_pct)",
+    )
+    filecache_min_kib: int = Field(
+        default=0, ge=0,
+        description="low_filecache_after_thrashing: keep killing while the file cache is below this after a "
+        "thrashing kill (lmkd ro.lmk.filecache_min_kb, 0 = off)",
+    )
+    min_oom_score_adj: int = Field(
+        default=0, ge=-999, le=1000,
+        description="lowest oom_score_adj an lmkd-reason kill may take (lmkd: 0)",
+    )
+    perceptible_min_oom_score_adj: int = Field(
+        default=201, ge=-999, le=1000,
+        description="the floor lmkd uses to spare perceptible processes when the min watermark holds and "
+        "thrashing is below critical (lmkd: PERCEPTIBLE_APP_ADJ + 1 = 201)",
+    )
+
+    @model_validator(mode="after")
+    def _interval_order(self) -> SignalsConfig:
+        if self.check_min_interval_ms > self.check_max_interval_ms:
+            raise ValueError("check_min_interval_ms exceeds check_max_interval_ms")
+        return self
 
 
 class PolicyConfig(_Frozen):
@@ -211,6 +309,7 @@ class Config(_Frozen):
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     pressure: PressureConfig = Field(default_factory=PressureConfig)
+    signals: SignalsConfig = Field(default_factory=SignalsConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     kill: KillConfig = Field(default_factory=KillConfig)
     candidates: CandidatesConfig = Field(default_factory=CandidatesConfig)

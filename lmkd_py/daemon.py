@@ -17,7 +17,6 @@ can reap a frozen task), the next candidate is killed at once with the reason ``
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,16 +26,15 @@ from typing import Protocol
 
 import structlog
 
-from lmkd_py import provenance
+from lmkd_py.builder import Builder
 from lmkd_py.candidates import CandidateTable
-from lmkd_py.config import NEVER_KILL_ADJ, Config, ConfigError, Level
+from lmkd_py.config import NEVER_KILL_ADJ, Config, ConfigError
 from lmkd_py.killer import Killer, KillOptions
-from lmkd_py.policy import Choice, Rules, hard_exclusion
-from lmkd_py.procfs import ProcFs, ProcParseError, Psi, cgroup2_mount, cgroup_v2_relpath, subtree_pids
-from lmkd_py.psi import MemFloorSource, PressureEvent, PressureSource, TriggerUnavailable, open_source, pressure_file
+from lmkd_py.policy import Choice, hard_exclusion
+from lmkd_py.procfs import ProcFs, Psi, subtree_pids
+from lmkd_py.psi import PressureEvent, PressureSource, TriggerUnavailable
 from lmkd_py.records import KillRecord, Outcome, Pressure, Victim, open_writer
 from lmkd_py.sdnotify import Notifier
-from lmkd_py.syscalls import LinuxSyscalls
 
 log = structlog.get_logger("lmkd_py.daemon")
 Clock = Callable[[], int]
@@ -65,62 +63,6 @@ class Stats:
     loop_errors: int = 0
     records_dropped: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
-
-
-class Builder:
-    """Makes the parts a config asks for, at start and again on reload (so both make them alike)."""
-
-    def __init__(self, proc: ProcFs, wake_fd: int | None = None) -> None:
-        self.proc = proc
-        self.wake_fd = wake_fd
-
-    def scope(self, cfg: Config) -> tuple[Path | None, str | None]:
-        """(directory, cgroup v2 path) of ``pressure.cgroup``, or (None, None) system-wide.
-        Raises FileNotFoundError when the directory is not a cgroup v2 directory."""
-        scope = cfg.pressure.cgroup
-        if scope is None:
-            return None, None
-        if not (scope / "cgroup.procs").exists():
-            raise FileNotFoundError(f"pressure.cgroup {scope}: not a cgroup v2 directory (no cgroup.procs)")
-        return scope, cgroup_v2_relpath(scope, Path("/proc/self/mounts").read_text())
-
-    def cgroup2_root(self) -> Path | None:
-        """Where the cgroup v2 hierarchy is mounted, or None."""
-        try:
-            return cgroup2_mount(Path("/proc/self/mounts").read_text())
-        except OSError:
-            return None
-
-    def rules(self, cfg: Config) -> Rules:
-        return Rules.from_config(cfg.policy, self_pids={os.getpid()}, scope_cgroup=self.scope(cfg)[1])
-
-    def source(self, cfg: Config) -> PressureSource:
-        p = cfg.pressure
-        src = open_source(p.source, pressure_file(p.cgroup), p.levels, p.poll_interval_ms * 1_000_000,
-                          wake_fd=self.wake_fd)
-        if p.mem_floor_pct is None or p.cgroup is not None:
-            return src
-        level = Level(name="mem_floor", stall="some", threshold_us=1, window_us=2_000_000,
-                      min_oom_score_adj=p.mem_floor_min_oom_score_adj)
-        return MemFloorSource(src, self.free_memory, p.mem_floor_pct, level)
-
-    def free_memory(self) -> tuple[int, int] | None:
-        """(free memory as ``ProcFs.free_memory_kib`` counts it, MemTotal) in KiB, or None when unreadable."""
-        try:
-            free = self.proc.free_memory_kib()
-            total = self.proc.meminfo().get("MemTotal")
-        except (OSError, ProcParseError):
-            return None
-        return (free, total) if free is not None and total is not None else None
-
-    def killer(self, cfg: Config) -> Killer:
-        killer = Killer(LinuxSyscalls(), self.proc, options=KillOptions.from_config(cfg.kill),
-                        provenance=provenance.collect(cfg.digest()))
-        if cfg.tracing != "off" and not cfg.dry_run:
-            from lmkd_py.tracing import open_tracer  # tracefs code only when tracing is asked for
-
-            killer.tracer = open_tracer(cfg.tracing)
-        return killer
 
 
 def build(
@@ -219,7 +161,8 @@ class Daemon:
             return "this daemon was not built from a config: nothing to reload"
         try:
             rules = self.builder.rules(new)
-            source = self.builder.source(new) if new.pressure != old.pressure else None
+            changed = (new.pressure, new.signals) != (old.pressure, old.signals)
+            source = self.builder.source(new) if changed else None
             sink = open_writer(new) if new.records != old.records else None
         except OSError as exc:
             return f"cannot apply: {exc}"
@@ -351,7 +294,7 @@ class Daemon:
                      remaining_ms=_ms(self._cooldown_until - event.t_ns))
             return
         min_adj = event.level.min_oom_score_adj
-        choices = self._choices(min_adj)
+        choices = self._choices(event, min_adj)
         if not choices:
             self.stats.no_candidate += 1
             log.warning("kill.no_candidate", psi_level=event.level.name, min_adj=min_adj, table=len(self.table),
@@ -366,11 +309,15 @@ class Daemon:
         self._last_kill_end = self.clock()
         self._refresh()
 
-    def _choices(self, min_adj: int) -> list[Choice]:
+    def _choices(self, event: PressureEvent, min_adj: int) -> list[Choice]:
         """The ranking for a band floor: processes that appeared since the last refresh first ranked
-        in (no scan: ``CandidateTable.newcomers``), the head re-read, stuck victims left out."""
+        in (no scan: ``CandidateTable.newcomers``), only the event's own victims when it names them (the
+        processes of the memcg that runs out), the head re-read, stuck victims left out."""
         newcomers = self.table.newcomers(min_adj)
         ranked = newcomers + self.table.rank(min_adj)
+        if event.victims is not None:
+            ranked = [c for c in ranked if c.candidate.pid in event.victims]
+            newcomers = [c for c in newcomers if c.candidate.pid in event.victims]
         choices = self.table.recheck(ranked, self.cfg.candidates.recheck_top + len(newcomers), min_adj)
         if self.stuck:
             choices = [c for c in choices if (c.candidate.pid, c.candidate.start_time_ticks) not in self.stuck]
@@ -451,9 +398,12 @@ class Daemon:
     def _still_needed(self, event: PressureEvent, at_event: Psi | None) -> bool:
         """Re-check after choosing: the source's own precise check when it has one; for a PSI stall,
         earlyoom's 'memory situation has recovered while selecting victim' (the level's stall total has
-        not grown since the event and its avg10 is 0)."""
+        not grown since the event and its avg10 is 0); any other event is no stall, so the stall totals
+        cannot say it is over (a stall-free headroom event would look 'recovered')."""
         if event.still is not None:
             return event.still()
+        if event.mechanism not in ("trigger", "poll"):
+            return True
         now = self.source.read()
         if now is None or at_event is None:
             return True

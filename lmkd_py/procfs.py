@@ -255,15 +255,23 @@ def cgroup2_mount(mounts_text: str) -> Path | None:
 
 def subtree_pids(directory: Path) -> set[int]:
     """Pids in a cgroup v2 directory and all its descendants (``cgroup.procs`` of each). A directory
-    that vanishes or cannot be read while walking is skipped: cgroups come and go."""
+    that vanishes or cannot be read while walking is skipped: cgroups come and go.
+
+    A cgroup directory's link count is 2 plus its number of child cgroups (kernfs), so a leaf costs one
+    stat instead of a directory listing: ~45 us for a leaf here, against ~75 us with os.walk. Any other
+    count is listed (btrfs, say, reports 1 for every directory of a fake tree)."""
     pids: set[int] = set()
-    for root, _dirs, files in os.walk(directory):
-        if "cgroup.procs" in files:
-            try:
-                with open(os.path.join(root, "cgroup.procs")) as fh:
-                    pids.update(int(x) for x in fh.read().split())
-            except (OSError, ValueError):
-                continue
+    stack = [str(directory)]
+    while stack:
+        cur = stack.pop()
+        try:
+            with open(cur + "/cgroup.procs") as fh:
+                pids.update(int(x) for x in fh.read().split())
+            if os.stat(cur).st_nlink != 2:
+                with os.scandir(cur) as it:
+                    stack.extend(e.path for e in it if e.is_dir(follow_symlinks=False))
+        except (OSError, ValueError):
+            continue
     return pids
 
 
@@ -447,5 +455,179 @@ class ProcFs:
         except (OSError, ValueError):
             return 4_194_304  # PID_MAX_LIMIT on 64-bit: an upper bound that is always safe
 
+    def free_and_total_kib(self) -> tuple[int, int] | None:
+        """(free memory as ``free_memory_kib`` counts it, MemTotal) in KiB, or None when unreadable:
+        what the memory floor compares."""
+        try:
+            free = self.free_memory_kib()
+            total = self.meminfo().get("MemTotal")
+        except (OSError, ProcParseError):
+            return None
+        return (free, total) if free is not None and total is not None else None
+
     def pressure(self, resource: str = "memory") -> Psi:
         return parse_pressure(self._read(f"{self._root}/pressure/{resource}"))
+
+
+# -- decision signals: vmstat, zoneinfo watermarks, zram, memcg files (used by signals.py, headroom.py) --
+
+VMSTAT_KEYS = frozenset({
+    "nr_inactive_file", "nr_active_file", "workingset_refault", "workingset_refault_file",
+    "pgscan_kswapd", "pgscan_direct", "allocstall_dma", "allocstall_dma32", "allocstall_normal",
+    "allocstall_movable", "allocstall_device",
+})
+
+
+def parse_vmstat(text: str, keys: frozenset[str] | None = VMSTAT_KEYS) -> dict[str, int]:
+    """Parse /proc/vmstat (``name value`` lines) into ``{name: value}``, keeping only ``keys`` (all
+    when None). Counters are pages or events, as the kernel names them. Built for the adaptive check:
+    one split per line, no regex (~75 us for the ~190 lines of 6.18 here, measured)."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if keys is not None and name not in keys:
+            continue
+        try:
+            out[name] = int(value)
+        except ValueError:
+            raise ProcParseError(f"vmstat: {name} is not a number: {value!r}") from None
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Watermarks:
+    """Zone watermarks summed over populated zones, in pages (lmkd's ``calc_zone_watermarks``)."""
+
+    min_pages: int
+    low_pages: int
+    high_pages: int
+
+
+def parse_zoneinfo_watermarks(text: str) -> Watermarks:
+    """Sum the min/low/high watermarks of every zone with ``present`` pages, each raised by the zone's
+    largest lowmem reserve (the max of its ``protection:`` array), as Android lmkd does: free pages
+    must clear the reserve too before an allocation from a higher zone may use them
+    (mm/page_alloc.c, __zone_watermark_ok). Raises ProcParseError when no zone has watermarks."""
+    zones: list[dict[str, int]] = []
+    for line in text.splitlines():
+        if line.startswith("Node "):
+            zones.append({})
+            continue
+        if not zones:
+            continue
+        stripped = line.strip()
+        name, _, value = stripped.partition(" ")
+        zone = zones[-1]
+        if name in ("min", "low", "high", "present") and name not in zone:
+            try:
+                zone[name] = int(value)
+            except ValueError:
+                raise ProcParseError(f"zoneinfo: {name} is not a number: {value.strip()!r}") from None
+        elif name == "protection:" and "protection" not in zone:
+            try:
+                zone["protection"] = max((int(x) for x in value.strip(" ()").split(",") if x.strip()), default=0)
+            except ValueError:
+                raise ProcParseError(f"zoneinfo: bad protection {value.strip()!r}") from None
+    wm = [0, 0, 0]
+    seen = False
+    for zone in zones:
+        if not zone.get("present") or "high" not in zone:
+            continue
+        seen = True
+        reserve = zone.get("protection", 0)
+        for i, key in enumerate(("min", "low", "high")):
+            wm[i] += zone.get(key, 0) + reserve
+    if not seen:
+        raise ProcParseError("zoneinfo: no populated zone with watermarks")
+    return Watermarks(*wm)
+
+
+@dataclass(frozen=True, slots=True)
+class ZramMmStat:
+    """/sys/block/zramN/mm_stat (Documentation/admin-guide/blockdev/zram.rst), sizes in bytes."""
+
+    orig_data_bytes: int  # uncompressed size of the data stored
+    compr_data_bytes: int  # compressed size of it
+    mem_used_total_bytes: int  # memory allocated for it, incl. allocator overhead
+    mem_limit_bytes: int  # 0: no limit
+
+
+def parse_zram_mm_stat(text: str) -> ZramMmStat:
+    """Parse a zram ``mm_stat`` line (at least four numeric columns)."""
+    fields = text.split()
+    try:
+        nums = [int(x) for x in fields[:4]]
+    except ValueError:
+        raise ProcParseError(f"zram mm_stat: non-numeric column in {text.strip()[:80]!r}") from None
+    if len(nums) < 4:
+        raise ProcParseError(f"zram mm_stat: {len(nums)} columns, expected at least 4")
+    return ZramMmStat(*nums)
+
+
+@dataclass(frozen=True, slots=True)
+class SwapDevice:
+    name: str  # the path as /proc/swaps shows it, e.g. /dev/zram0
+    size_kib: int
+    used_kib: int
+
+    @property
+    def zram(self) -> str | None:
+        """The zram device name (``zram0``) when this swap area is on zram, else None."""
+        base = self.name.rsplit("/", 1)[-1]
+        return base if base.startswith("zram") else None
+
+
+def parse_swaps(text: str) -> list[SwapDevice]:
+    """Parse /proc/swaps (a header, then ``Filename Type Size Used Priority`` lines, sizes in KiB)."""
+    out = []
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if not fields:
+            continue
+        try:
+            out.append(SwapDevice(fields[0], int(fields[2]), int(fields[3])))
+        except (ValueError, IndexError):
+            raise ProcParseError(f"swaps: bad line {line[:80]!r}") from None
+    return out
+
+
+# The v1 "unlimited" value: PAGE_COUNTER_MAX pages, i.e. LONG_MAX rounded down to a page
+# (mm/page_counter.c); anything this large means no limit.
+MEMCG_UNLIMITED_BYTES = 1 << 62
+
+
+def parse_memcg_bytes(text: str) -> int | None:
+    """A memcg size file in bytes: v1 ``memory.limit_in_bytes``/``usage_in_bytes`` or v2
+    ``memory.current``/``memory.max``. None for no limit (v2 ``max``, v1 PAGE_COUNTER_MAX)."""
+    value = text.strip()
+    if value == "max":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise ProcParseError(f"memcg: not a size: {value[:40]!r}") from None
+    return None if n >= MEMCG_UNLIMITED_BYTES else n
+
+
+def parse_flat_keyed(text: str) -> dict[str, int]:
+    """A cgroup "flat keyed" file (``key value`` lines: memory.stat, memory.events; cgroup-v2.rst
+    "Interface Files"). memory.stat values are bytes, memory.events values counts."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if not value:
+            continue
+        try:
+            out[key] = int(value)
+        except ValueError:
+            raise ProcParseError(f"cgroup file: {key} is not a number: {value.strip()[:40]!r}") from None
+    return out
+
+
+def memcg_v1_path(entries: list[CgroupEntry]) -> str | None:
+    """The cgroup v1 memory controller path of a process (``4:memory:/a/b`` -> ``/a/b``), or None
+    when the memory controller is not mounted as v1."""
+    for e in entries:
+        if e.hierarchy_id != 0 and "memory" in e.controllers:
+            return e.path
+    return None

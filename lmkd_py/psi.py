@@ -44,7 +44,9 @@ class PressureEvent:
     project's: ``mem_floor``, ``cgroup_headroom``); None means ``psi_<level>``. ``signals`` holds the
     values that decided, with units in their names, for the record. ``still`` re-checks the condition
     now (True while it holds) for a source that can tell precisely (free memory, headroom); None for
-    a PSI stall, which is a rate over a window and cannot be re-read in a moment.
+    a PSI stall, which is a rate over a window and cannot be re-read in a moment. ``victims``, when
+    set, are the only pids this event may kill: e.g. the processes charged to the memcg that runs out
+    (killing elsewhere frees nothing that memcg can use, as the kernel's memcg OOM killer knows).
     """
 
     level: Level
@@ -54,6 +56,7 @@ class PressureEvent:
     kill_reason: str | None = None
     signals: Mapping[str, float | int | None] | None = None
     still: Callable[[], bool] | None = field(default=None, compare=False)
+    victims: frozenset[int] | None = None
 
 
 class PressureSource(Protocol):
@@ -202,6 +205,15 @@ class TriggerSource:
                 events.append(PressureEvent(level, now, "trigger", str(self.path)))
         return events
 
+    def add_wake_fd(self, fd: int, events: int = select.POLLIN) -> None:
+        """Also return from ``wait`` (with no event) when ``fd`` polls ``events``; its owner drains it
+        (signals.AdaptiveSource: v1 memcg thresholds through eventfd, v2 memory.events with POLLPRI)."""
+        self._poller.register(fd, events)
+
+    def remove_wake_fd(self, fd: int) -> None:
+        with contextlib.suppress(KeyError):
+            self._poller.unregister(fd)
+
     def read(self) -> Psi | None:
         return _read_psi(self.path)
 
@@ -290,6 +302,15 @@ class PollingSource:
                 events.append(PressureEvent(level, now, "poll", str(self.path)))
         return events
 
+    def add_wake_fd(self, fd: int, events: int = select.POLLIN) -> None:
+        """Also return from ``wait`` (with no event) when ``fd`` polls ``events``; its owner drains it
+        (signals.AdaptiveSource: v1 memcg thresholds through eventfd, v2 memory.events with POLLPRI)."""
+        self._poller.register(fd, events)
+
+    def remove_wake_fd(self, fd: int) -> None:
+        with contextlib.suppress(KeyError):
+            self._poller.unregister(fd)
+
     def read(self) -> Psi | None:
         return _read_psi(self.path)
 
@@ -329,73 +350,3 @@ def open_source(
             log.warning("psi.polling_fallback", path=str(path), reason=reason)
             return PollingSource(path, levels, poll_interval_ns, wake_fd=wake_fd, clock=clock, reason=reason)
     return PollingSource(path, levels, poll_interval_ns, wake_fd=wake_fd, clock=clock)
-
-
-class MemFloorSource:
-    """Wraps a pressure source and adds a level that fires when free memory is below a floor.
-
-    PSI measures stalls; a machine with no swap and little page cache can run out of memory with
-    hardly any (seen in the arm64 lab's diskless guest: ~20 ms of stall before the kernel OOM kill), so
-    a floor on free memory backs the triggers up, as earlyoom's threshold does. ``read_free`` returns
-    (free KiB, total KiB) or None. Checked every ``slow_ns``, every ``fast_ns`` within 4x of the floor;
-    fires at most once per check while below it.
-    """
-
-    NEAR_FACTOR = 4
-
-    def __init__(
-        self,
-        inner: PressureSource,
-        read_free: Callable[[], tuple[int, int] | None],
-        floor_pct: float,
-        level: Level,
-        *,
-        clock: Clock = time.monotonic_ns,
-        slow_ns: int = 1_000_000_000,
-        fast_ns: int = 100_000_000,
-    ) -> None:
-        self.inner = inner
-        self.read_free = read_free
-        self.floor_pct = floor_pct
-        self.level = level
-        self.clock = clock
-        self.slow_ns, self.fast_ns = slow_ns, fast_ns
-        self._next = clock()
-        self.description = f"{inner.description} + free memory floor {floor_pct:g} %"
-
-    def wait(self, timeout_ns: int | None) -> list[PressureEvent]:
-        now = self.clock()
-        until_check = max(0, self._next - now)
-        budget = until_check if timeout_ns is None else min(timeout_ns, until_check)
-        events = self.inner.wait(budget)
-        now = self.clock()
-        if now >= self._next:
-            events = events + self.check(now)
-        return events
-
-    def check(self, now: int) -> list[PressureEvent]:
-        """One look at free memory; schedules the next. Returns the floor event when below it."""
-        got = self.read_free()
-        if got is None:
-            self._next = now + self.slow_ns
-            return []
-        free_kib, total_kib = got
-        floor_kib = total_kib * self.floor_pct / 100
-        self._next = now + (self.fast_ns if free_kib < floor_kib * self.NEAR_FACTOR else self.slow_ns)
-        if free_kib < floor_kib:
-            return [PressureEvent(self.level, now, "mem_floor", f"free {free_kib} KiB < {floor_kib:.0f} KiB",
-                                  kill_reason="mem_floor",
-                                  signals={"free_kib": free_kib, "floor_kib": round(floor_kib)},
-                                  still=self.below)]
-        return []
-
-    def below(self) -> bool:
-        """Whether free memory is below the floor now (False when unreadable: do not kill blind)."""
-        got = self.read_free()
-        return got is not None and got[0] < got[1] * self.floor_pct / 100
-
-    def read(self) -> Psi | None:
-        return self.inner.read()
-
-    def close(self) -> None:
-        self.inner.close()

@@ -167,7 +167,7 @@ def test_a_whole_cgroup_kill_takes_every_member_and_links_their_records(scope: o
     each member, and writes one record per member with one kill_id; a sibling cgroup is untouched. When a
     member may not be killed (here: counted as lmkd-py itself), cgroup.kill is not used and that member
     lives while the others die one by one."""
-    from lmkd_py.daemon import Builder
+    from lmkd_py.builder import Builder
     from lmkd_py.stress import PressureCgroup, VictimSpec, spawn_victim
 
     assert isinstance(scope, PressureCgroup)

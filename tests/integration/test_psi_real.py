@@ -67,24 +67,26 @@ def test_unwritable_psi_file_falls_back_to_polling(tmp_path: Path) -> None:
 
 
 def test_service_wraps_the_system_source_with_the_memory_floor() -> None:
-    from lmkd_py.config import Config, PressureConfig
-    from lmkd_py.daemon import Builder
+    from lmkd_py.builder import Builder
+    from lmkd_py.config import Config, PressureConfig, SignalsConfig
     from lmkd_py.procfs import ProcFs
-    from lmkd_py.psi import MemFloorSource
+    from lmkd_py.signals import AdaptiveSource, FloorCheck
 
     asm = Builder(ProcFs(), None)
     src = asm.source(Config())
     try:
-        assert isinstance(src, MemFloorSource) and "floor 5 %" in src.description
-        free, total = asm.free_memory() or (0, 0)
+        assert isinstance(src, AdaptiveSource) and "floor 5 %" in src.description
+        assert any(isinstance(c, FloorCheck) for c in src.checks)
+        free, total = asm.proc.free_and_total_kib() or (0, 0)
         assert 0 < free <= total
         if free < total * 0.05:
             pytest.skip("this machine is below its own 5 % memory floor right now")
         assert src.check(0) == []
     finally:
         src.close()
-    off = asm.source(Config(pressure=PressureConfig(mem_floor_pct=None)))
+    off = asm.source(Config(pressure=PressureConfig(mem_floor_pct=None),
+                            signals=SignalsConfig(lmkd_reasons=False)))
     try:
-        assert not isinstance(off, MemFloorSource)
+        assert not isinstance(off, AdaptiveSource)
     finally:
         off.close()

@@ -490,8 +490,8 @@ def test_a_cgroup_with_oom_group_is_killed_whole_and_never_the_root(tmp_path: An
     """Issue 12 item 3: memory.oom.group = 1 makes a whole-cgroup kill even with kill.unit = "process"."""
     from pathlib import Path
 
+    from lmkd_py.builder import Builder
     from lmkd_py.candidates import CandidateTable
-    from lmkd_py.daemon import Builder
     from lmkd_py.policy import Rules
     from lmkd_py.procfs import ProcFs
     from tests.fakes import fake_proc

@@ -110,35 +110,3 @@ class QuietSource:
         self.closed = True
 
 
-def test_memory_floor_fires_below_and_checks_faster_when_near() -> None:
-    from lmkd_py.psi import MemFloorSource
-
-    clock = FakeClock()
-    inner = QuietSource(clock)
-    free = [10_000_000]  # KiB, of 20 GiB total; the floor at 5 % is 1,048,576 KiB
-    lv = Level(name="mem_floor", stall="some", threshold_us=1, window_us=2_000_000, min_oom_score_adj=0)
-    src = MemFloorSource(inner, lambda: (free[0], 20 * 1024 * 1024), 5.0, lv, clock=clock)  # type: ignore[arg-type]
-    assert src.wait(5_000_000_000) == []  # first check at once: far above the floor
-    assert inner.waited[-1] == 0
-    assert src.wait(5_000_000_000) == []
-    assert inner.waited[-1] == 1_000_000_000  # far from the floor: once a second
-    free[0] = 3_000_000  # within 4x of the floor
-    src.wait(5_000_000_000)
-    src.wait(5_000_000_000)
-    assert inner.waited[-1] == 100_000_000  # near: every 100 ms
-    free[0] = 900_000
-    got = src.wait(5_000_000_000)
-    assert [e.level.name for e in got] == ["mem_floor"] and got[0].mechanism == "mem_floor"
-    # a shorter timeout from the loop is honoured, and no check happens before its time
-    assert src.wait(10_000_000) == [] and inner.waited[-1] == 10_000_000
-    src.close()
-    assert inner.closed
-
-
-def test_memory_floor_unreadable_is_quiet() -> None:
-    from lmkd_py.psi import MemFloorSource
-
-    clock = FakeClock()
-    lv = Level(name="mem_floor", stall="some", threshold_us=1, window_us=2_000_000, min_oom_score_adj=0)
-    src = MemFloorSource(QuietSource(clock), lambda: None, 5.0, lv, clock=clock)  # type: ignore[arg-type]
-    assert src.wait(0) == [] and src.wait(2_000_000_000) == []
