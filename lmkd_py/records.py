@@ -10,9 +10,11 @@ message naming the file and line, so an old ``compare`` never silently misreads 
 
 from __future__ import annotations
 
+import contextlib
 import errno as errno_mod
 import json
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -20,6 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lmkd_py import safepath
 
 if TYPE_CHECKING:
     from lmkd_py.config import Config
@@ -224,6 +228,27 @@ class WriterStats:
     last_error: str | None = None
 
 
+class RecordsPathError(OSError):
+    """The records path cannot be used; the message names the path and the reason.
+
+    ``insecure``: refused for safety (a symlink, a directory or file someone else owns or may write),
+    as opposed to merely unwritable now (permission, read-only file system, missing mount). An OSError,
+    so a start or reload that already reports OSErrors ("cannot start: ...") reports this one too.
+    """
+
+    def __init__(self, message: str, *, insecure: bool) -> None:
+        super().__init__(message)
+        self.insecure = insecure
+
+
+# O_NOFOLLOW: never write through a symlink at the records path (issue 18: a root daemon appended to a
+# user's shell startup file). O_NONBLOCK: a FIFO there fails (ENXIO) instead of blocking the killer;
+# it changes nothing for a regular file.
+_FILE_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+RECORDS_FILE_MODE = 0o640  # records carry command lines: not for every local user to read
+RECORDS_DIR_MODE = 0o750
+
+
 class RecordWriter:
     """Append records as JSON lines, flushed per record, with a size cap and rotation.
 
@@ -233,6 +258,12 @@ class RecordWriter:
     drops that record, counts it and returns False; the next write tries again, so writing resumes by
     itself when space returns. A partial line left by a failed write is cut off first, so the file
     stays valid JSONL and no earlier record is lost.
+
+    The path is walked on every write by ``safepath.open_trusted_dir`` (every directory owned by root
+    or us and writable by nobody else; missing ones made 0750), the file is opened relative to that
+    directory with ``O_NOFOLLOW``, made 0640, and must be a regular file owned by root or us; rotation
+    renames inside the same directory descriptor. A path that breaks these rules drops the record like
+    any other failure, with the reason in ``stats.last_error``; ``check()`` finds it at start.
     """
 
     def __init__(self, path: Path, max_bytes: int = 16 * 1024 * 1024, keep: int = 3, fsync: bool = True):
@@ -240,11 +271,41 @@ class RecordWriter:
             raise ValueError(f"records max_bytes must be at least 4096, got {max_bytes}")
         if keep < 0:
             raise ValueError(f"records keep must be >= 0, got {keep}")
-        self.path = path
+        self.path = Path(path)
+        # Pinned now: a later chdir (a daemon goes to /) must not move the records.
+        self._dir = os.path.dirname(os.path.abspath(self.path))
+        self._name = self.path.name
         self.max_bytes = max_bytes
         self.keep = keep
         self.fsync = fsync
         self.stats = WriterStats()
+
+    def check(self) -> None:
+        """Prove at start that records can be written, instead of learning it at the first kill.
+
+        Walks and checks the directories as a write does (creating missing ones), opens an existing
+        records file for appending without writing to it, or, when there is none yet, proves that one
+        can be created (an unnamed ``O_TMPFILE``, so no empty file is left behind). Writes nothing.
+        The daemon and observe call it before they report ready.
+
+        Raises RecordsPathError: the message names the records path and the reason; ``insecure``
+        tells a refusal for safety from a path that is merely unwritable now.
+        """
+        try:
+            dfd = safepath.open_trusted_dir(self._dir, create_mode=RECORDS_DIR_MODE)
+            try:
+                try:
+                    fd = self._open_file(dfd, create=False)
+                except FileNotFoundError:
+                    _probe_create(dfd)
+                else:
+                    os.close(fd)
+            finally:
+                os.close(dfd)
+        except OSError as exc:
+            raise RecordsPathError(
+                f"records path {self.path}: {_reason(exc)}", insecure=isinstance(exc, safepath.UntrustedPath)
+            ) from exc
 
     def write(self, record: KillRecord) -> bool:
         """Append one record. Returns True when it is on disk, False when it was dropped."""
@@ -253,54 +314,107 @@ class RecordWriter:
             self._append(line)
         except OSError as exc:
             self.stats.dropped += 1
-            self.stats.last_error = f"{self.path}: {exc.strerror or exc}"
+            self.stats.last_error = f"{self.path}: {_reason(exc)}"
             return False
         self.stats.written += 1
         return True
 
-    def _append(self, line: bytes) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def _open_file(self, dfd: int, *, create: bool) -> int:
+        flags = _FILE_FLAGS | (os.O_CREAT if create else 0)
         try:
-            size = self.path.stat().st_size
-        except FileNotFoundError:
-            size = 0
-        if size and size + len(line) > self.max_bytes:
-            self._rotate()
-            size = 0
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(self._name, flags, RECORDS_FILE_MODE, dir_fd=dfd)
+        except OSError as exc:
+            if exc.errno == errno_mod.ELOOP:
+                raise safepath.UntrustedPath("it is a symlink; refusing to follow it") from exc
+            raise
         try:
-            written = 0
-            try:
-                while written < len(line):
-                    written += os.write(fd, line[written:])
-                if self.fsync:
-                    os.fsync(fd)
-            except OSError:
-                # Leave no half line behind: the reader would lose it anyway, and the next record
-                # must start on a line of its own.
-                if written:
-                    os.ftruncate(fd, size)
-                raise
-        finally:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise safepath.UntrustedPath("it is not a regular file")
+            safepath.check_owner_and_mode(st, "the file")
+        except BaseException:
             os.close(fd)
+            raise
+        return fd
 
-    def _rotate(self) -> None:
+    def _append(self, line: bytes) -> None:
+        dfd = safepath.open_trusted_dir(self._dir, create_mode=RECORDS_DIR_MODE)
+        try:
+            fd = self._open_file(dfd, create=True)
+            try:
+                size = os.fstat(fd).st_size
+                if size and size + len(line) > self.max_bytes:
+                    os.close(fd)
+                    fd = -1
+                    self._rotate(dfd)
+                    fd = self._open_file(dfd, create=True)
+                    size = 0
+                self._write_line(fd, line, size)
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+        finally:
+            os.close(dfd)
+
+    def _write_line(self, fd: int, line: bytes, size: int) -> None:
+        written = 0
+        try:
+            while written < len(line):
+                written += os.write(fd, line[written:])
+            if self.fsync:
+                os.fsync(fd)
+        except OSError:
+            # Leave no half line behind: the reader would lose it anyway, and the next record
+            # must start on a line of its own.
+            if written:
+                os.ftruncate(fd, size)
+            raise
+
+    def _rotate(self, dfd: int) -> None:
+        # Names relative to the checked directory's descriptor: rename and unlink act on the entries
+        # themselves (never through a symlink), inside the directory that was checked.
+        name = self._name
         if self.keep == 0:
-            self.path.unlink(missing_ok=True)
+            _unlink(name, dfd)
         else:
-            oldest = self.path.with_name(f"{self.path.name}.{self.keep}")
-            oldest.unlink(missing_ok=True)
+            _unlink(f"{name}.{self.keep}", dfd)
             for i in range(self.keep - 1, 0, -1):
-                src = self.path.with_name(f"{self.path.name}.{i}")
-                if src.exists():
-                    src.rename(self.path.with_name(f"{self.path.name}.{i + 1}"))
-            self.path.rename(self.path.with_name(f"{self.path.name}.1"))
+                with contextlib.suppress(FileNotFoundError):  # a gap in the numbers: nothing to move
+                    os.rename(f"{name}.{i}", f"{name}.{i + 1}", src_dir_fd=dfd, dst_dir_fd=dfd)
+            os.rename(name, f"{name}.1", src_dir_fd=dfd, dst_dir_fd=dfd)
         self.stats.rotations += 1
+
+
+def _unlink(name: str, dfd: int) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=dfd)
+
+
+def _probe_create(dfd: int) -> None:
+    """Prove a file can be created in ``dfd`` without leaving one: an unnamed O_TMPFILE inode."""
+    try:
+        os.close(os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, RECORDS_FILE_MODE, dir_fd=dfd))
+    except OSError as exc:
+        # File systems without O_TMPFILE: ask the kernel with our effective ids instead.
+        if exc.errno not in (errno_mod.EOPNOTSUPP, errno_mod.EISDIR):
+            raise
+        if not os.access(".", os.W_OK | os.X_OK, dir_fd=dfd, effective_ids=True):
+            raise PermissionError(errno_mod.EACCES, "cannot create files in the directory") from None
+
+
+def _reason(exc: OSError) -> str:
+    """Why an OSError happened, naming the component it happened on when that is not the records file."""
+    if isinstance(exc, safepath.UntrustedPath) or exc.strerror is None:
+        return str(exc)
+    return f"{exc.strerror} ({exc.filename})" if exc.filename else exc.strerror
 
 
 def open_writer(cfg: Config, path: Path | None = None) -> RecordWriter:
     """The records writer a config asks for, at ``path`` (a CLI's ``--records``) or the config's own
-    path; the one place a writer is made from a config (daemon, observe, ``kill``)."""
+    path; the one place a writer is made from a config (daemon, observe, ``kill``).
+
+    Touches nothing on disk; call ``RecordWriter.check()`` on the result before reporting ready, so a
+    refused or unwritable path shows at start (it raises RecordsPathError naming path and reason)."""
     rc = cfg.records
     return RecordWriter(path or cfg.records_path(), rc.max_bytes, rc.keep, rc.fsync)
 

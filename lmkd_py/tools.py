@@ -12,7 +12,7 @@ from lmkd_py import provenance
 from lmkd_py.config import ConfigError, json_schema, load_config
 from lmkd_py.killer import Killer, KillOptions
 from lmkd_py.procfs import ProcFs, ProcParseError
-from lmkd_py.records import KillRecord, open_writer
+from lmkd_py.records import KillRecord, RecordsPathError, open_writer
 from lmkd_py.syscalls import LinuxSyscalls, UnsupportedArchitecture
 
 
@@ -75,6 +75,12 @@ def cmd_kill(args: argparse.Namespace) -> int:
     except (ConfigError, UnsupportedArchitecture) as exc:
         print(f"lmkd-py: {exc}", file=sys.stderr)
         return 2
+    writer = open_writer(cfg, args.records)
+    try:
+        writer.check()  # before the kill: a kill whose record cannot be kept is not worth making here
+    except RecordsPathError as exc:
+        print(f"lmkd-py: {exc}", file=sys.stderr)
+        return 2
     options = KillOptions.from_config(cfg.kill)
     if args.no_mrelease:
         options = dataclasses.replace(options, mrelease=False)
@@ -111,7 +117,6 @@ def cmd_kill(args: argparse.Namespace) -> int:
         killer.close()
         if tracer is not None:
             tracer.close()
-    writer = open_writer(cfg, args.records)
     stored = writer.write(record)
     print(record.model_dump_json(indent=2) if args.json else summary(record))
     if not stored:

@@ -48,7 +48,7 @@ from lmkd_py.observe.record import build_record
 from lmkd_py.observe.trace import ExitListener, ObserveTrace
 from lmkd_py.observe.track import GENERATE, MR_ENTER, ObservedKill, Tracker
 from lmkd_py.procfs import ProcFs, cgroup_v2_relpath
-from lmkd_py.records import KillRecord, open_writer
+from lmkd_py.records import KillRecord, RecordsPathError, open_writer
 from lmkd_py.sdnotify import Notifier
 from lmkd_py.tracing import ProcExit, TraceEvent, TracingUnavailable, find_tracefs, parse_kernel_version
 
@@ -404,6 +404,11 @@ def serve(cfg: Config, *, records: Path | None, duration_s: float | None, cgroup
     from lmkd_py.sdnotify import SdNotifier
 
     writer = open_writer(cfg, records)
+    try:
+        writer.check()  # before READY=1: a refused or unwritable records path is a start failure
+    except RecordsPathError as exc:
+        print(f"lmkd-py: {exc}", file=sys.stderr)
+        return 2
     stopping: list[int] = []
 
     def on_stop(signum: int, _frame: FrameType | None) -> None:

@@ -20,7 +20,8 @@ pytestmark = needs_root
 @pytest.fixture
 def tiny_fs() -> Iterator[Path]:
     mnt = Path(tempfile.mkdtemp(prefix="lmkd-py-tinyfs-"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24k", "lmkd-py-test", str(mnt)], check=True)
+    # mode=0700: a tmpfs root is 1777 by default, and the writer refuses a directory others may write.
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24k,mode=0700", "lmkd-py-test", str(mnt)], check=True)
     try:
         yield mnt
     finally:

@@ -34,7 +34,9 @@ def test_exactly_two_commands_and_ci_runs_the_test_one() -> None:
 def test_main_job_runs_as_nobody_on_the_default_config(nobody_python: tuple[list[str], dict[str, str]]) -> None:
     home = Path(tempfile.mkdtemp(prefix="lmkd-py-nobody-"))
     try:
-        os.chmod(home, 0o777)
+        # nobody's own home: the records writer refuses a directory others may write (issue 18, item 1)
+        os.chown(home, 65534, 65534)
+        os.chmod(home, 0o700)
         prefix, base_env = nobody_python
         env = {**base_env, "HOME": str(home), "XDG_STATE_HOME": str(home / "state")}
         out = subprocess.run(

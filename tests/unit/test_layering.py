@@ -27,7 +27,8 @@ ALLOWED: dict[str, set[str]] = {
     "syscalls": set(),
     "sdnotify": set(),
     "procfs": set(),
-    "records": set(),
+    "safepath": set(),  # open a directory only root or we can have changed (the records writer)
+    "records": {"safepath"},
     "provenance": {"lmkd_py", "records"},
     "psi": {"config", "procfs"},
     "policy": {"config", "procfs"},
