@@ -152,7 +152,9 @@ def test_dry_run_as_unprivileged_user_kills_nothing(
     cg, victim, protected = episode["cg"], episode["victim"], episode["protected"]
     shared = Path(tempfile.mkdtemp(prefix="lmkd-py-dry-"))
     try:
-        os.chmod(shared, 0o777)
+        # nobody's own directory: the writer refuses one others may write (issue 18, item 1)
+        os.chown(shared, NOBODY, NOBODY)
+        os.chmod(shared, 0o755)
         records = shared / "records.jsonl"
         p, _ = _run_daemon(CONFIG.format(dry_run="true", mark=PROTECT_MARK), cg.v2_path, records, 60,
                            as_nobody=nobody_python)
