@@ -14,6 +14,7 @@ from lmkd_py.killer import Killer, KillOptions
 from lmkd_py.procfs import ProcFs, ProcParseError
 from lmkd_py.records import KillRecord, RecordsPathError, open_writer
 from lmkd_py.syscalls import LinuxSyscalls, UnsupportedArchitecture
+from lmkd_py.text import printable
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -32,7 +33,9 @@ def cmd_config_schema(args: argparse.Namespace) -> int:
 
 
 def summary(record: KillRecord) -> str:
-    """A few readable lines about one kill."""
+    """A few readable lines about one kill. Text the victim chose (its name, via prctl) and text derived
+    from it is shown with control characters escaped: a process named ``\x1b]0;...`` must not drive the
+    operator's terminal."""
     v = record.victim
 
     def ms(ns: int | None) -> str:
@@ -42,7 +45,8 @@ def summary(record: KillRecord) -> str:
         return f"{kib / 1024:.1f} MiB" if kib is not None else "n/a"
 
     lines = [
-        f"pid {v.pid} ({v.comm}): {record.outcome.value}" + (f" - {record.error}" if record.error else ""),
+        f"pid {v.pid} ({printable(str(v.comm))}): {record.outcome.value}"
+        + (f" - {printable(record.error)}" if record.error else ""),
         f"  rss {mib(v.rss_kib)} (anon {mib(v.rss_anon_kib)}, file {mib(v.rss_file_kib)}, "
         f"shmem {mib(v.rss_shmem_kib)}, swap {mib(v.swap_kib)})",
     ]
@@ -50,7 +54,7 @@ def summary(record: KillRecord) -> str:
         m = record.mrelease
         lines += [
             f"  process_mrelease: {m.status.value}"
-            + (f" ({m.errno_name})" if m.errno_name else "")
+            + (f" ({printable(m.errno_name)})" if m.errno_name else "")
             + f", wall {ms(m.wall_ns)}, reaper cpu {ms(m.thread_cpu_ns)}",
             f"  kill -> exit {ms(record.kill_to_exit_ns)}, kill -> memory back {ms(record.kill_to_mem_recovered_ns)}"
             f" (free memory +{mib(record.mem_recovered_kib)})",
@@ -62,8 +66,8 @@ def summary(record: KillRecord) -> str:
                 f"sum {ms(k.reap_total_ns)}"
             )
         elif k is not None:
-            lines.append(f"  kernel timeline: unavailable ({k.unavailable_reason})")
-    lines.extend(f"  note: {n}" for n in record.notes)
+            lines.append(f"  kernel timeline: unavailable ({printable(str(k.unavailable_reason))})")
+    lines.extend(f"  note: {printable(n)}" for n in record.notes)
     return "\n".join(lines)
 
 

@@ -23,10 +23,11 @@ KILL_MODE = {"daemon", "killer", "candidates", "service", "policy", "psi", "prot
 ALLOWED: dict[str, set[str]] = {
     "lmkd_py": set(),
     "config": set(),
-    "log": set(),
+    "log": {"text"},
     "syscalls": set(),
     "sdnotify": set(),
     "procfs": set(),
+    "text": set(),  # printable(): text from processes and record files made safe to show
     "safepath": set(),  # open a directory only root or we can have changed (the records writer)
     "records": {"safepath"},
     "provenance": {"lmkd_py", "records"},
@@ -46,7 +47,7 @@ ALLOWED: dict[str, set[str]] = {
     "observe": {"config", "log", "procfs", "provenance", "records", "sdnotify", "tracing"},
     "service": {"config", "daemon", "log", "observe", "procfs", "protect", "records", "sdnotify", "syscalls",
                 "tracing"},
-    "tools": {"config", "killer", "log", "procfs", "provenance", "records", "syscalls", "tracing"},
+    "tools": {"config", "killer", "log", "procfs", "provenance", "records", "syscalls", "text", "tracing"},
     "stress": {"log"},
     "report": {"records"},
     # The lab's in-guest program runs one kill at a time with the killer itself (no daemon).
