@@ -4,26 +4,29 @@ One record per kill attempt: real kills, refusals, failures, dry runs and (obser
 someone else. Unknown values are ``None``, never sentinel numbers. Times are integer nanoseconds of
 CLOCK_MONOTONIC (the clock of ``time.monotonic_ns()`` and of tracefs' ``mono`` trace clock); sizes are KiB.
 
-Schema versions: a reader accepts every version up to ``SCHEMA_VERSION`` and refuses newer ones with a
-message naming the file and line, so an old ``compare`` never silently misreads new data.
+Schema versions: a reader accepts every version up to ``SCHEMA_VERSION`` and skips newer ones with a note
+naming the file and line, so an old ``compare`` never silently misreads new data, nor gives up on the
+other files of a fleet because one board runs a newer lmkd-py. Record files are untrusted input: the
+reader never raises on their content (see ``parse_line``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno as errno_mod
-import json
 import os
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated, BinaryIO, Protocol, overload
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import from_json
 
 from lmkd_py import safepath
+from lmkd_py.text import printable
 
 if TYPE_CHECKING:
     from lmkd_py.config import Config
@@ -54,6 +57,12 @@ class MreleaseStatus(StrEnum):
     NOT_ATTEMPTED = "not_attempted"  # no SIGKILL was delivered, so there was nothing to release
 
 
+# Every integer in a record is a kernel or clock value that fits in 64 bits. The bound turns a hostile
+# record (an integer of 10**400) into a field error at validation, instead of an OverflowError wherever the
+# value is later made a float.
+Int64 = Annotated[int, Field(ge=-(1 << 63), lt=1 << 64)]
+
+
 class _Model(BaseModel):
     # Records are read back by newer and older tools: ignore unknown keys rather than fail
     # (forward-compatible within one schema version), and never mutate after construction.
@@ -77,48 +86,48 @@ class Provenance(_Model):
 class Victim(_Model):
     """The process as it was just before the kill (or as last seen, in observe mode)."""
 
-    pid: int
+    pid: Int64
     comm: str | None = None
     cmdline: str | None = None
-    uid: int | None = None
-    start_time_ticks: int | None = None  # field 22 of /proc/PID/stat, clock ticks since boot
-    oom_score_adj: int | None = None
+    uid: Int64 | None = None
+    start_time_ticks: Int64 | None = None  # field 22 of /proc/PID/stat, clock ticks since boot
+    oom_score_adj: Int64 | None = None
     cgroup: str | None = None
-    threads: int | None = None
-    vma_count: int | None = None
-    rss_kib: int | None = None
-    rss_anon_kib: int | None = None
-    rss_file_kib: int | None = None
-    rss_shmem_kib: int | None = None
-    swap_kib: int | None = None
+    threads: Int64 | None = None
+    vma_count: Int64 | None = None
+    rss_kib: Int64 | None = None
+    rss_anon_kib: Int64 | None = None
+    rss_file_kib: Int64 | None = None
+    rss_shmem_kib: Int64 | None = None
+    swap_kib: Int64 | None = None
 
 
 class Mrelease(_Model):
     """The process_mrelease(2) call made on the reaper thread."""
 
     status: MreleaseStatus
-    ret: int | None = None
-    errno: int | None = None
+    ret: Int64 | None = None
+    errno: Int64 | None = None
     errno_name: str | None = None
-    wall_ns: int | None = None
-    thread_cpu_ns: int | None = None  # CPU time of the reaper thread across the call
-    reaper_tid: int | None = None
+    wall_ns: Int64 | None = None
+    thread_cpu_ns: Int64 | None = None  # CPU time of the reaper thread across the call
+    reaper_tid: Int64 | None = None
     note: str | None = None
 
 
 class Steps(_Model):
     """CLOCK_MONOTONIC timestamps (ns) of each step of one kill, in the order they happen."""
 
-    start_ns: int
-    pidfd_opened_ns: int | None = None
-    identity_checked_ns: int | None = None
-    sizes_read_ns: int | None = None
-    signal_sent_ns: int | None = None
-    mrelease_start_ns: int | None = None
-    mrelease_end_ns: int | None = None
-    exit_observed_ns: int | None = None
-    mem_recovered_ns: int | None = None
-    end_ns: int
+    start_ns: Int64
+    pidfd_opened_ns: Int64 | None = None
+    identity_checked_ns: Int64 | None = None
+    sizes_read_ns: Int64 | None = None
+    signal_sent_ns: Int64 | None = None
+    mrelease_start_ns: Int64 | None = None
+    mrelease_end_ns: Int64 | None = None
+    exit_observed_ns: Int64 | None = None
+    mem_recovered_ns: Int64 | None = None
+    end_ns: Int64
 
 
 class Pressure(_Model):
@@ -129,18 +138,18 @@ class Pressure(_Model):
     mechanism: str | None = None  # "trigger" or "poll"
     some_avg10: float | None = None
     full_avg10: float | None = None
-    some_total_us: int | None = None
-    full_total_us: int | None = None
-    event_ns: int | None = None  # when the loop woke for the event
-    decision_latency_ns: int | None = None  # event wake -> SIGKILL sent (or -> decision, in dry run)
-    rank: int | None = None  # place of this victim in the ranking (0 = first choice)
+    some_total_us: Int64 | None = None
+    full_total_us: Int64 | None = None
+    event_ns: Int64 | None = None  # when the loop woke for the event
+    decision_latency_ns: Int64 | None = None  # event wake -> SIGKILL sent (or -> decision, in dry run)
+    rank: Int64 | None = None  # place of this victim in the ranking (0 = first choice)
     reason: str | None = None  # why this victim was chosen
     # Why a kill was needed, in Android lmkd's names where lmkd has one (low_mem_and_swap,
     # low_mem_and_thrashing, direct_recl_and_thrashing, low_swap_and_thrashing, low_mem_and_swap_util,
     # low_filecache_after_thrashing, pressure_after_kill, not_responding) and this project's own
     # (mem_floor, cgroup_headroom, psi_<level>).
     kill_reason: str | None = None
-    signals: dict[str, float | int | None] | None = None  # the values that decided, units in the names
+    signals: dict[str, float | Int64 | None] | None = None  # the values that decided, units in the names
 
 
 class KernelTimeline(_Model):
@@ -148,24 +157,24 @@ class KernelTimeline(_Model):
 
     source: str | None = None  # e.g. "tracefs+proc_connector", "function_graph"
     unavailable_reason: str | None = None  # why the timeline (or part of it) is missing
-    signal_generate_ns: int | None = None
-    signal_deliver_ns: int | None = None
-    mrelease_enter_ns: int | None = None
-    mrelease_exit_ns: int | None = None
-    mrelease_ret: int | None = None
-    exit_start_ns: int | None = None  # sched_process_exit (before exit_mm on 6.16+, after it before)
-    exit_mmap_end_ns: int | None = None
-    proc_exit_ns: int | None = None  # proc connector exit event timestamp
-    oom_reaper_start_ns: int | None = None
-    oom_reaper_end_ns: int | None = None
-    freed_by_reaper_kib: dict[str, int] | None = None  # by kind: file, anon, swap, shmem
-    freed_by_victim_kib: dict[str, int] | None = None
-    mmap_lock_wait_ns: dict[str, int] | None = None  # side ("reaper", "victim") -> total ns
-    lock_contention_ns: dict[str, int] | None = None
-    lock_contention_count: dict[str, int] | None = None
-    reaper_work_ns: int | None = None
-    exit_mmap_ns: int | None = None
-    reap_total_ns: int | None = None  # reaper work + exit_mmap
+    signal_generate_ns: Int64 | None = None
+    signal_deliver_ns: Int64 | None = None
+    mrelease_enter_ns: Int64 | None = None
+    mrelease_exit_ns: Int64 | None = None
+    mrelease_ret: Int64 | None = None
+    exit_start_ns: Int64 | None = None  # sched_process_exit (before exit_mm on 6.16+, after it before)
+    exit_mmap_end_ns: Int64 | None = None
+    proc_exit_ns: Int64 | None = None  # proc connector exit event timestamp
+    oom_reaper_start_ns: Int64 | None = None
+    oom_reaper_end_ns: Int64 | None = None
+    freed_by_reaper_kib: dict[str, Int64] | None = None  # by kind: file, anon, swap, shmem
+    freed_by_victim_kib: dict[str, Int64] | None = None
+    mmap_lock_wait_ns: dict[str, Int64] | None = None  # side ("reaper", "victim") -> total ns
+    lock_contention_ns: dict[str, Int64] | None = None
+    lock_contention_count: dict[str, Int64] | None = None
+    reaper_work_ns: Int64 | None = None
+    exit_mmap_ns: Int64 | None = None
+    reap_total_ns: Int64 | None = None  # reaper work + exit_mmap
     reap_throughput_mib_s: float | None = None
     notes: list[str] = Field(default_factory=list)
 
@@ -174,7 +183,7 @@ class KilledBy(_Model):
     """Who killed, in observe mode."""
 
     kind: str  # "kernel_oom", "process"
-    pid: int | None = None
+    pid: Int64 | None = None
     comm: str | None = None
     match: str | None = None  # how a process_mrelease call was matched to this victim
 
@@ -182,7 +191,7 @@ class KilledBy(_Model):
 class KillRecord(_Model):
     """One kill attempt."""
 
-    schema_version: int = SCHEMA_VERSION
+    schema_version: Int64 = SCHEMA_VERSION
     record_id: str
     kill_id: str | None = None  # the same for every member of one whole-cgroup kill
     wall_time: str  # ISO 8601 UTC, for humans; ordering uses the monotonic steps
@@ -194,13 +203,13 @@ class KillRecord(_Model):
     mrelease: Mrelease
     # Free memory, KiB: MemAvailable + pages on the per-CPU free lists (which MemAvailable does not count);
     # the names are historical (schema version 1) and stay for readers of older records.
-    mem_available_before_kib: int | None = None
-    mem_available_after_kib: int | None = None
-    mem_recovered_kib: int | None = None
-    mem_recovery_target_kib: int | None = None
-    kill_to_exit_ns: int | None = None
-    kill_to_mem_recovered_ns: int | None = None
-    exit_timeout_ns: int | None = None
+    mem_available_before_kib: Int64 | None = None
+    mem_available_after_kib: Int64 | None = None
+    mem_recovered_kib: Int64 | None = None
+    mem_recovery_target_kib: Int64 | None = None
+    kill_to_exit_ns: Int64 | None = None
+    kill_to_mem_recovered_ns: Int64 | None = None
+    exit_timeout_ns: Int64 | None = None
     error: str | None = None
     notes: list[str] = Field(default_factory=list)
     pressure: Pressure | None = None
@@ -436,66 +445,163 @@ class ListSink:
 # Reading
 
 
-class RecordFormatError(ValueError):
-    """A records file that cannot be read as lmkd-py records (names file and line)."""
+MAX_LINE_BYTES = 1 << 20  # a record is a few KiB; a longer line is skipped unread (a 1 GB line, /dev/zero)
+_SKIP_CHUNK_BYTES = 1 << 16
+PROBLEMS_KEPT = 1000  # skipped-line notes kept word for word; the rest are only counted
+
+
+class Problems:
+    """Notes on skipped lines (``file:line: skipped: why``): the first ``limit`` kept, all counted, so a
+    file of a million bad lines costs a counter, not a million strings.
+
+    Reads like the list it replaces: ``len()`` is the total, iteration and slicing give the kept notes.
+    """
+
+    def __init__(self, limit: int = PROBLEMS_KEPT) -> None:
+        self.limit = limit
+        self.notes: list[str] = []
+        self.total = 0
+
+    def append(self, note: str) -> None:
+        self.total += 1
+        if len(self.notes) < self.limit:
+            self.notes.append(note)
+
+    @classmethod
+    def combined(cls, *parts: Problems) -> Problems:
+        """The notes of several sets in order, their totals summed."""
+        out = cls()
+        for part in parts:
+            out.notes.extend(part.notes[: out.limit - len(out.notes)])
+            out.total += part.total
+        return out
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __bool__(self) -> bool:
+        return self.total > 0
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.notes)
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+    def __getitem__(self, index: int | slice) -> str | list[str]:
+        return self.notes[index]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Problems):
+            return self.total == other.total and self.notes == other.notes
+        if isinstance(other, list):
+            return self.total == len(other) and self.notes == other
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the list it stands for
+
+    def __repr__(self) -> str:
+        return f"Problems(total={self.total}, notes={self.notes!r})"
+
+
+class ProblemSink(Protocol):
+    """Where skipped-line notes go: a ``Problems`` or a plain list."""
+
+    def append(self, note: str, /) -> None: ...
 
 
 @dataclass
 class ReadResult:
     records: list[KillRecord] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)  # lines skipped, each naming file:line and why
+    problems: Problems = field(default_factory=Problems)  # lines skipped, each naming file:line and why
 
 
-def parse_line(path: Path, lineno: int, raw: bytes, truncated: bool, problems: list[str]) -> KillRecord | None:
+def iter_lines(fh: BinaryIO, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | None, bool]]:
+    """``(line number, line, complete)`` for each line of ``fh``, in constant memory per line.
+
+    ``line`` is None for a line longer than ``max_line_bytes``, which is read past in chunks and never
+    held whole (a 1 GB line, or a stream of zeros without a newline). ``complete``: the line ended with a
+    newline (only the last line of a file can lack one).
+    """
+    lineno = 0
+    while True:
+        raw = fh.readline(max_line_bytes + 1)
+        if not raw:
+            return
+        lineno += 1
+        if raw.endswith(b"\n"):
+            yield lineno, raw, True
+        elif len(raw) <= max_line_bytes:
+            yield lineno, raw, False  # the end of the file, without a newline
+        else:
+            complete = False
+            while chunk := fh.readline(_SKIP_CHUNK_BYTES):
+                if chunk.endswith(b"\n"):
+                    complete = True
+                    break
+            yield lineno, None, complete
+
+
+def parse_line(path: Path, lineno: int, raw: bytes | None, truncated: bool, problems: ProblemSink) -> KillRecord | None:
     """One JSONL line to a record, or None after noting in ``problems`` why it was skipped
-    (``file:line: skipped: why``). ``truncated``: the line is the file's last and has no newline, so
-    a JSON error there is a write cut short. Raises RecordFormatError for a newer schema version."""
+    (``file:line: skipped: why``). ``raw`` None: the line was too long to read (see ``iter_lines``).
+    ``truncated``: the line is the file's last and has no newline, so a JSON error there is a write cut
+    short. Never raises on any content: the line is untrusted input. A record of a newer schema version
+    is skipped too (reading it with this schema could misread it), with a note saying to upgrade."""
+    where = f"{path}:{lineno}: skipped:"
+    if raw is None:
+        problems.append(f"{where} line longer than {MAX_LINE_BYTES >> 20} MiB (not read)")
+        return None
     try:
-        obj = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        why = "truncated last line (a write cut short)" if truncated else f"not JSON ({exc})"
-        problems.append(f"{path}:{lineno}: skipped: {why}")
+        # pydantic's parser, not json.loads: it has a nesting limit (json.loads raises RecursionError
+        # at ~1000 levels) and no 4300-digit integer limit (a ValueError outside JSONDecodeError). It
+        # takes NaN/Infinity as json.loads and model_validate_json do; readers treat them as unknown.
+        obj = from_json(raw)
+    except ValueError as exc:
+        why = "truncated last line (a write cut short)" if truncated else f"not JSON ({printable(str(exc))})"
+        problems.append(f"{where} {why}")
         return None
     if not isinstance(obj, dict):
-        problems.append(f"{path}:{lineno}: skipped: not a JSON object")
+        problems.append(f"{where} not a JSON object")
         return None
     version = obj.get("schema_version")
-    if not isinstance(version, int):
-        problems.append(f"{path}:{lineno}: skipped: no integer schema_version (not an lmkd-py record?)")
+    if not isinstance(version, int) or isinstance(version, bool):
+        problems.append(f"{where} no integer schema_version (not an lmkd-py record?)")
         return None
     if version > SCHEMA_VERSION:
-        raise RecordFormatError(
-            f"{path}:{lineno}: record schema_version {version} is newer than this lmkd-py "
-            f"understands ({SCHEMA_VERSION}); upgrade lmkd-py to read it"
+        shown = version if version < 1 << 32 else "(huge)"
+        problems.append(
+            f"{where} record schema_version {shown} is newer than this lmkd-py understands "
+            f"({SCHEMA_VERSION}); upgrade lmkd-py to read it"
         )
+        return None
     try:
         return KillRecord.model_validate(obj)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        problems.append(f"{path}:{lineno}: skipped: field {loc!r}: {first['msg']}")
+        first = exc.errors(include_url=False, include_input=False)[0]
+        loc = printable(".".join(str(p) for p in first["loc"]), max_chars=120)
+        problems.append(f"{where} field {loc!r}: {first['msg']}")
         return None
 
 
-def iter_records(path: Path, problems: list[str] | None = None) -> Iterator[KillRecord]:
-    """Yield the records of one JSONL file.
+def iter_records(path: Path, problems: ProblemSink | None = None) -> Iterator[KillRecord]:
+    """Yield the records of one JSONL file, streaming (memory does not grow with the file).
 
-    A last line without its newline that does not parse is a write cut short (power loss, full disk):
-    it is skipped and noted in ``problems``. A bad line elsewhere is skipped and noted too, so one
-    damaged line never costs the rest of a field data set. A record of a newer schema version than
-    this lmkd-py knows raises RecordFormatError: reading it with an old schema could misread it.
+    Lines that cannot be records are skipped and noted in ``problems`` as ``file:line: skipped: why``,
+    so one damaged line never costs the rest of a field data set: a last line without its newline that
+    does not parse (a write cut short: power loss, full disk), a line that is not JSON, not a record,
+    longer than MAX_LINE_BYTES, or of a newer schema version than this lmkd-py knows.
+    Raises OSError when the file cannot be opened or read.
     """
-    sink = problems if problems is not None else []
+    sink: ProblemSink = problems if problems is not None else Problems()
     with path.open("rb") as fh:
-        data = fh.read()
-    lines = data.split(b"\n")
-    last_complete = data.endswith(b"\n")
-    for lineno, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        rec = parse_line(path, lineno, raw, lineno == len(lines) and not last_complete, sink)
-        if rec is not None:
-            yield rec
+        for lineno, raw, complete in iter_lines(fh):
+            if raw is not None and not raw.strip():
+                continue
+            rec = parse_line(path, lineno, raw, not complete, sink)
+            if rec is not None:
+                yield rec
 
 
 def read_records(paths: Iterable[Path]) -> ReadResult:

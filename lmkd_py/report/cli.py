@@ -5,18 +5,25 @@ module level: numpy, scipy and matplotlib are loaded inside the commands (throug
 ``stats``, ``render`` and ``plots``), and a daemon installed without the extra
 never needs them.
 
-Both commands return 0 on success and 2 on bad input, with a message naming the file (and line) on
-stderr. Lines skipped while reading (a truncated last line, a damaged line) are listed on stderr and
-in the JSON output; they do not make the command fail.
+Both commands return 0 on success and 2 on bad input (a file that cannot be opened, a directory or a device
+given as a record file, a plot that cannot be written), with a message naming the file on stderr. Record
+files are untrusted: lines that are not records (damaged, truncated, longer than 1 MiB, of a newer schema
+version) are skipped, counted and named as ``file:line`` on stderr and in the JSON output; they do not make
+the command fail, and the other records are analysed. Values from the records are escaped in the text and
+Markdown output (control characters, Markdown/HTML), and JSON output never holds NaN or Infinity.
 """
 
 from __future__ import annotations
 
 import argparse
+import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
+
+from lmkd_py.records import Problems
+from lmkd_py.text import printable
 
 if TYPE_CHECKING:
     from lmkd_py.report.data import RecordTable
@@ -42,29 +49,38 @@ def missing_extra(plots: bool) -> str | None:
 
 
 def _load(paths: Sequence[Path]) -> RecordTable:
-    from lmkd_py.records import RecordFormatError
     from lmkd_py.report.data import load_table
 
     if not paths:
         raise _BadInput("no record files given")
+    for path in paths:
+        _check_file(Path(path))
     try:
         return load_table(paths)
-    except RecordFormatError as exc:
-        raise _BadInput(str(exc)) from exc
     except OSError as exc:
-        raise _BadInput(f"{exc.filename or ''}: {exc.strerror or exc}") from exc
+        raise _BadInput(f"{printable(str(exc.filename or ''))}: {exc.strerror or exc}") from exc
 
 
-def _problems(problems: Sequence[str], err: TextIO) -> None:
-    from lmkd_py.report.render import PROBLEMS_SHOWN
+def _check_file(path: Path) -> None:
+    """A regular file or a pipe (``<(zcat ...)``); a device such as /dev/zero or /dev/urandom never ends
+    and holds no records, so it is refused up front rather than read forever."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise _BadInput(f"{printable(str(path))}: {exc.strerror or exc}") from exc
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a device or socket"
+        raise _BadInput(f"{printable(str(path))}: not a record file ({kind})")
+
+
+def _problems(problems: Problems, err: TextIO) -> None:
+    from lmkd_py.report.render import problems_text
 
     if not problems:
         return
-    print(f"skipped {len(problems)} line(s):", file=err)
-    for p in problems[:PROBLEMS_SHOWN]:
-        print(f"  {p}", file=err)
-    if len(problems) > PROBLEMS_SHOWN:
-        print(f"  ... and {len(problems) - PROBLEMS_SHOWN} more", file=err)
+    print(f"skipped {len(problems)} unreadable line(s) or value(s):", file=err)
+    for line in problems_text(problems, markdown=False):
+        print(line, file=err)
 
 
 def _check_common(args: argparse.Namespace) -> tuple[str, Path | None]:
@@ -106,10 +122,19 @@ def cmd_report(args: argparse.Namespace, out: TextIO | None = None, err: TextIO 
         from lmkd_py.report.stats import groups as split
 
         parts = split(table, ("kernel_release", "machine_model"))
-        for m in metrics_for(*(t for _, t in parts)):
-            series = [(" / ".join(k or "unknown" for k in key), t.values(m.column) * m.scale) for key, t in parts]
-            plot_metric(plots, m, series)
+        try:
+            for m in metrics_for(*(t for _, t in parts)):
+                series = [(" / ".join(k or "unknown" for k in key), t.values(m.column) * m.scale) for key, t in parts]
+                plot_metric(plots, m, series)
+        except OSError as exc:
+            return _plots_failed("report", exc, err)
     return 0
+
+
+def _plots_failed(cmd: str, exc: OSError, err: TextIO) -> int:
+    # The summary is already out; say which plot could not be written rather than show a traceback.
+    print(f"lmkd-py {cmd}: cannot write plots: {printable(str(exc.filename or ''))}: {exc.strerror or exc}", file=err)
+    return 2
 
 
 def _split_by(args: argparse.Namespace, by: str) -> tuple[RecordTable, RecordTable, str, str]:
@@ -125,17 +150,23 @@ def _split_by(args: argparse.Namespace, by: str) -> tuple[RecordTable, RecordTab
     label_a, label_b = getattr(args, "label_a", None), getattr(args, "label_b", None)
     if label_a is None and label_b is None:
         if len(parts) != 2:
-            found = ", ".join(parts) or "none"
             raise _BadInput(
-                f"--by {by} needs exactly two values of {category} in the files, found {len(parts)}: {found}; "
-                f"pick two with --label-a and --label-b"
+                f"--by {by} needs exactly two values of {category} in the files, found {len(parts)}: "
+                f"{_found(parts)}; pick two with --label-a and --label-b"
             )
         label_a, label_b = sorted(parts)
     for label in (label_a, label_b):
         if label not in parts:
-            raise _BadInput(f"no records with {category} {label!r}; found: {', '.join(parts) or 'none'}")
+            raise _BadInput(f"no records with {category} {printable(repr(label))}; found: {_found(parts)}")
     assert label_a is not None and label_b is not None  # both checked against parts just above
     return parts[label_a], parts[label_b], label_a, label_b
+
+
+def _found(parts: dict[str, RecordTable], shown: int = 10) -> str:
+    """The values found, as a reader can take them: escaped, cut short, at most ``shown`` of them."""
+    names = [printable(repr(k[:80])) for k in sorted(parts)]
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return (", ".join(names[:shown]) or "none") + more
 
 
 def cmd_compare(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
@@ -164,7 +195,7 @@ def cmd_compare(args: argparse.Namespace, out: TextIO | None = None, err: TextIO
             a, b = _load(list(args.a)), _load(list(args.b))
             label_a = getattr(args, "label_a", None) or "A"
             label_b = getattr(args, "label_b", None) or "B"
-            problems = a.problems + b.problems
+            problems = Problems.combined(a.problems, b.problems)
     except _BadInput as exc:
         print(f"lmkd-py compare: {exc}", file=err)
         return 2
@@ -180,6 +211,10 @@ def cmd_compare(args: argparse.Namespace, out: TextIO | None = None, err: TextIO
         from lmkd_py.report.data import metrics_for
         from lmkd_py.report.plots import plot_metric
 
-        for m in metrics_for(a, b):
-            plot_metric(plots, m, [(label_a, a.values(m.column) * m.scale), (label_b, b.values(m.column) * m.scale)])
+        try:
+            for m in metrics_for(a, b):
+                sides = [(label_a, a.values(m.column) * m.scale), (label_b, b.values(m.column) * m.scale)]
+                plot_metric(plots, m, sides)
+        except OSError as exc:
+            return _plots_failed("compare", exc, err)
     return 0

@@ -1,8 +1,8 @@
 """Kill records as numeric columns, for ``report`` and ``compare`` (part of the optional ``report`` extra).
 
-Reading keeps the rules of ``records.iter_records`` (a truncated last line or a damaged line is skipped and
-noted as ``file:line``; a record of a newer schema version is refused with ``RecordFormatError``) and the
-same validation: every line goes through ``KillRecord.model_validate_json``, so the schema lives only in
+Reading keeps the rules of ``records.iter_records`` (a truncated, damaged or overlong line, or a record of a
+newer schema version, is skipped and noted as ``file:line``) and the same validation: every line goes through
+``KillRecord.model_validate_json``, so the schema lives only in
 ``records.py``. What differs is what is kept: instead of a list of model objects (several KiB each, too
 heavy at a million records) each record leaves a few float64 and category values in compact arrays, and
 the model object is dropped at once. Validating in pydantic's Rust core costs about as much as ``json.loads``
@@ -15,6 +15,8 @@ nanoseconds here; the metric table says how to scale them for display.
 
 from __future__ import annotations
 
+import math
+import re
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,7 +26,16 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import ValidationError
 
-from lmkd_py.records import SCHEMA_VERSION, KillRecord, MreleaseStatus, Outcome, errno_name, parse_line
+from lmkd_py.records import (
+    SCHEMA_VERSION,
+    KillRecord,
+    MreleaseStatus,
+    Outcome,
+    Problems,
+    errno_name,
+    iter_lines,
+    parse_line,
+)
 
 FloatArray = npt.NDArray[np.float64]
 NS_PER_MS = 1e6
@@ -57,6 +68,13 @@ BASE_METRICS: tuple[Metric, ...] = (
     Metric("victim_rss", "MiB", "rss_kib", 1 / 1024),
 )
 SIDED_COLUMNS = ("mmap_lock_wait_ns", "lock_contention_ns")
+# The sides the tracer writes (tracing/timeline.py ``_lock_waits``); a newer tracer may add a few more.
+KNOWN_SIDES = {
+    "mmap_lock_wait_ns": frozenset({"reaper", "victim"}),
+    "lock_contention_ns": frozenset({"reaper", "victim", "reaper_sleep", "victim_sleep"}),
+}
+MAX_EXTRA_SIDES = 8
+_SIDE_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 CATEGORIES = ("kernel_release", "machine_model", "outcome", "mrelease_status", "errno")
 
 
@@ -83,7 +101,7 @@ class RecordTable:
     columns: dict[str, FloatArray]
     categories: dict[str, Categorical]
     dry_run: npt.NDArray[np.bool_]
-    problems: list[str] = field(default_factory=list)
+    problems: Problems = field(default_factory=Problems)
 
     def select(self, mask: npt.NDArray[np.bool_]) -> RecordTable:
         """The rows where ``mask`` is true (problems are kept: they belong to the files, not to rows)."""
@@ -126,6 +144,8 @@ class _Builder:
         self.codes: dict[str, array[int]] = {name: array("i") for name in CATEGORIES}
         self.label_ids: dict[str, dict[str | None, int]] = {name: {} for name in CATEGORIES}
         self.dry: array[int] = array("b")
+        self.extra_sides: dict[str, set[str]] = {}
+        self.dropped_sides: dict[str, int] = {}
 
     def _code(self, category: str, label: str | None) -> None:
         ids = self.label_ids[category]
@@ -138,10 +158,36 @@ class _Builder:
         if by_side is None:
             return _NAN
         for side, value in by_side.items():
-            rows, vals = self.sparse.setdefault(f"{column}.{side}", (array("q"), array("d")))
-            rows.append(self.rows)
-            vals.append(float(value))
-        return float(sum(by_side.values()))
+            name = f"{column}.{side}"
+            slot = self.sparse.get(name)
+            if slot is None:
+                # Each side kept becomes a full column (8 bytes x every row) and a report row: keep
+                # the tracer's own sides and a few more, never one per distinct key of a hostile file
+                # (8k records with fresh keys took 1.1 GB). The total below still counts every key.
+                if not self._keeps_side(column, side):
+                    self.dropped_sides[column] = self.dropped_sides.get(column, 0) + 1
+                    continue
+                slot = self.sparse[name] = (array("q"), array("d"))
+            slot[0].append(self.rows)
+            slot[1].append(float(value))
+        return _f(sum(by_side.values()))
+
+    def _keeps_side(self, column: str, side: str) -> bool:
+        if side in KNOWN_SIDES[column]:
+            return True
+        extra = self.extra_sides.setdefault(column, set())
+        if len(extra) >= MAX_EXTRA_SIDES or not _SIDE_NAME.fullmatch(side):
+            return False
+        extra.add(side)
+        return True
+
+    def note_dropped_sides(self, problems: Problems) -> None:
+        """One note per lock map whose keys were not all kept as columns (their values stay in the total)."""
+        for column, n in self.dropped_sides.items():
+            problems.append(
+                f"{column}: {n} value(s) under keys beyond the tracer's own and {MAX_EXTRA_SIDES} others "
+                f"(or not short names) left out of the per-side rows; the totals include them"
+            )
 
     def add(self, rec: KillRecord) -> None:
         f = self.floats
@@ -185,7 +231,7 @@ class _Builder:
         self.dry.append(1 if rec.dry_run or rec.outcome is Outcome.DRY_RUN else 0)
         self.rows += 1
 
-    def build(self, problems: list[str]) -> RecordTable:
+    def build(self, problems: Problems) -> RecordTable:
         columns = {name: np.frombuffer(col, dtype=np.float64).copy() for name, col in self.floats.items()}
         for name, (rows, vals) in self.sparse.items():
             full = np.full(self.rows, np.nan)
@@ -204,7 +250,11 @@ _REAPED = (MreleaseStatus.OK, MreleaseStatus.NOT_ATTEMPTED)
 
 
 def _f(value: float | None) -> float:
-    return _NAN if value is None else float(value)
+    # Infinity (a JSON 1e400 parses to it) is as unknown as a missing value: one must not decide a mean.
+    if value is None:
+        return _NAN
+    x = float(value)
+    return x if math.isfinite(x) else _NAN
 
 
 def _share(reaper: dict[str, int] | None, victim: dict[str, int] | None) -> float:
@@ -219,27 +269,30 @@ def _share(reaper: dict[str, int] | None, victim: dict[str, int] | None) -> floa
 def load_table(paths: Sequence[Path]) -> RecordTable:
     """Read the records of ``paths`` into a RecordTable, streaming (memory stays O(records x columns)).
 
-    Raises RecordFormatError (a record newer than this lmkd-py, naming file:line) and OSError (a file
-    that cannot be read). Skipped lines are listed in ``RecordTable.problems`` as ``file:line: why``.
+    Raises OSError (a file that cannot be read). Lines that are not records (see ``records.parse_line``:
+    damaged, too long, a newer schema version) are skipped and counted in ``RecordTable.problems``
+    as ``file:line: skipped: why``; so are lock-map keys beyond what a table keeps (``_Builder``).
     """
-    problems: list[str] = []
+    problems = Problems()
     builder = _Builder()
     validate = KillRecord.model_validate_json
     for path in paths:
         path = Path(path)
         with path.open("rb") as fh:
-            for lineno, raw in enumerate(fh, start=1):
-                if not raw.strip():
+            for lineno, raw, complete in iter_lines(fh):
+                if raw is not None and not raw.strip():
                     continue
-                rec: KillRecord | None
-                try:
-                    rec = validate(raw)
-                except ValidationError:
-                    rec = None
+                rec: KillRecord | None = None
+                if raw is not None:
+                    try:
+                        rec = validate(raw)
+                    except ValidationError:
+                        rec = None
                 # A record without schema_version validates with the default; iter_records skips it,
-                # and a newer one must be refused: both go the slow way, which words it the same.
+                # and a newer one must be skipped: both go the slow way, which words it the same.
                 if rec is None or rec.schema_version > SCHEMA_VERSION or "schema_version" not in rec.model_fields_set:
-                    rec = parse_line(path, lineno, raw, not raw.endswith(b"\n"), problems)
+                    rec = parse_line(path, lineno, raw, not complete, problems)
                 if rec is not None:
                     builder.add(rec)
+    builder.note_dropped_sides(problems)
     return builder.build(problems)

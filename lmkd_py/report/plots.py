@@ -10,12 +10,17 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+import matplotlib as mpl
 import numpy as np
 from matplotlib.figure import Figure
 
 from lmkd_py.report.data import FloatArray, Metric
+from lmkd_py.text import printable
 
 ECDF_POINTS = 4000  # a set larger than this is drawn through this many quantiles: same curve, small file
+MAX_SERIES = 12  # more groups than this: the largest are drawn (a figure 1.6 in wider per box has a limit)
+LABEL_CHARS = 60
+# as TeX ("$\frac{$" raises at savefig) and usetex would hand it to a TeX process. Plain text only.
 
 
 def _safe(name: str) -> str:
@@ -36,9 +41,20 @@ def plot_metric(directory: Path, metric: Metric, series: Sequence[tuple[str, Flo
 
     Sets without values are left out; nothing is written when none has values. Returns the paths written.
     """
-    present = [(label, v) for label, v in series if v.size]
+    present = [(printable(label, max_chars=LABEL_CHARS), v) for label, v in series if v.size]
     if not present:
         return []
+    title_note = ""
+    if len(present) > MAX_SERIES:
+        title_note = f" ({MAX_SERIES} largest of {len(present)} groups)"
+        present = sorted(present, key=lambda lv: -lv[1].size)[:MAX_SERIES]
+    # Labels come from record files (kernel release, machine model): with mathtext on, a "$" in one is
+    # parsed as TeX ("$\\frac{$" raises at savefig), and usetex would hand it to a TeX process.
+    with mpl.rc_context({"text.parse_math": False, "text.usetex": False}):
+        return _draw(directory, metric, present, title_note)
+
+
+def _draw(directory: Path, metric: Metric, present: list[tuple[str, FloatArray]], title_note: str) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     xlabel = f"{metric.name} ({metric.unit})"
     written = []
@@ -50,7 +66,7 @@ def plot_metric(directory: Path, metric: Metric, series: Sequence[tuple[str, Flo
         ax.step(x, y, where="post", label=f"{label} (n={v.size})")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("fraction of kills ≤ x")
-    ax.set_title(f"{metric.name}: ECDF")
+    ax.set_title(f"{metric.name}: ECDF{title_note}")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right", fontsize="small")
     path = directory / f"{_safe(metric.name)}_ecdf.png"
@@ -66,7 +82,7 @@ def plot_metric(directory: Path, metric: Metric, series: Sequence[tuple[str, Flo
         flierprops={"markersize": 2, "alpha": 0.4},
     )
     ax.set_ylabel(xlabel)
-    ax.set_title(f"{metric.name}\n(whiskers 1.5 IQR, triangle = mean)", fontsize="medium")
+    ax.set_title(f"{metric.name}{title_note}\n(whiskers 1.5 IQR, triangle = mean)", fontsize="medium")
     ax.grid(True, axis="y", alpha=0.3)
     if len(present) > 2:
         ax.tick_params(axis="x", labelrotation=20)

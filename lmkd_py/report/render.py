@@ -15,12 +15,48 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+import re
 from typing import Any
 
+from lmkd_py.records import Problems
 from lmkd_py.report.stats import Comparison, GroupReport, Row, Side
+from lmkd_py.text import printable
 
 PROBLEMS_SHOWN = 20  # skipped-line notes printed in text output; JSON carries up to 1000
+LABEL_CHARS = 120  # a kernel release or machine model longer than this is cut (and says so)
+NOTE_CHARS = 1000  # a warning or a skipped-line note (they quote labels and paths)
+_MD_SPECIAL = re.compile(r"([\\`*{}\[\]<>()#+!|~&$])")
+
+
+def md_escape(text: str) -> str:
+    """``text`` with every Markdown/HTML-active character backslash-escaped (CommonMark escapes any ASCII
+    punctuation): a label cannot open a link, an image, an HTML tag or a table cell. ``_`` is left alone:
+    inside a word it is not emphasis, and metric names are full of it."""
+    return _MD_SPECIAL.sub(r"\\\1", text)
+
+
+def label(text: str | None, markdown: bool, max_chars: int = LABEL_CHARS) -> str:
+    """A value from the records (kernel release, machine model, errno name...) made safe to show:
+    control characters escaped (no ANSI sequence or newline reaches the terminal), cut to ``max_chars``,
+    and Markdown-escaped in Markdown."""
+    shown = "unknown" if text is None else printable(text, max_chars=max_chars)
+    return md_escape(shown) if markdown else shown
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with every NaN/infinite float replaced by None: JSON has no NaN (``allow_nan=False`` below
+    proves none is left)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _json(doc: dict[str, Any]) -> str:
+    return json.dumps(_finite(doc), indent=2, allow_nan=False)
 
 
 def fmt(x: float | None) -> str:
@@ -48,8 +84,10 @@ def _ci(ci: tuple[float | None, float | None]) -> str:
 
 
 def _grid(header: list[str], rows: list[list[str]], markdown: bool) -> list[str]:
+    """A table of cells already made safe to show: values from records go in through ``label``, which
+    escapes them for the format; the rest (metric names, numbers, units) is this module's own text."""
     if markdown:
-        esc = [[c.replace("|", "\\|") for c in r] for r in [header, *rows]]
+        esc = [header, *rows]
         lines = ["| " + " | ".join(esc[0]) + " |", "|" + "|".join("---" for _ in header) + "|"]
         return lines + ["| " + " | ".join(r) + " |" for r in esc[1:]]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -61,15 +99,18 @@ def _grid(header: list[str], rows: list[list[str]], markdown: bool) -> list[str]
     return [line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]
 
 
-def _problems_text(problems: Sequence[str]) -> list[str]:
-    shown = [f"  {p}" for p in problems[:PROBLEMS_SHOWN]]
+def problems_text(problems: Problems, markdown: bool) -> list[str]:
+    """The first PROBLEMS_SHOWN notes on skipped input, indented, escaped, and how many more there were."""
+    shown = [f"  {label(p, markdown, NOTE_CHARS)}" for p in problems[:PROBLEMS_SHOWN]]
     if len(problems) > PROBLEMS_SHOWN:
         shown.append(f"  ... and {len(problems) - PROBLEMS_SHOWN} more")
     return shown
 
 
-def _hist(counts: dict[str | None, int]) -> str:
-    return ", ".join(f"{'unknown' if k is None else k} {v}" for k, v in counts.items()) or "none"
+def _hist(counts: dict[str | None, int], markdown: bool, shown: int = 12) -> str:
+    items = list(counts.items())
+    text = ", ".join(f"{label(k, markdown)} {v}" for k, v in items[:shown]) or "none"
+    return text + (f", and {len(items) - shown} other values" if len(items) > shown else "")
 
 
 def _bin_label(lo: float, hi: float) -> str:
@@ -79,28 +120,27 @@ def _bin_label(lo: float, hi: float) -> str:
     return f">= {size(lo)}" if math.isinf(hi) else f"{size(lo)}-{size(hi)}"
 
 
-def render_report(groups: list[GroupReport], problems: Sequence[str], fmt_name: str) -> str:
+def render_report(groups: list[GroupReport], problems: Problems, fmt_name: str) -> str:
     """The report in ``fmt_name`` ("table", "markdown" or "json")."""
     if fmt_name == "json":
-        return json.dumps(
+        return _json(
             {
                 "groups": [_group_json(g) for g in groups],
                 "problems": list(problems[:1000]),
                 "problems_total": len(problems),
-            },
-            indent=2,
+            }
         )
     md = fmt_name == "markdown"
     out: list[str] = []
     if not groups:
         out.append("no records")
     for g in groups:
-        title = f"kernel {g.kernel_release or 'unknown'} / machine {g.machine_model or 'unknown'}"
+        title = f"kernel {label(g.kernel_release, md)} / machine {label(g.machine_model, md)}"
         out += [f"## {title}" if md else title, ""]
         out.append(f"records: {g.records} ({g.dry_runs} dry runs, not in the latencies)")
-        out.append(f"outcomes: {_hist(g.outcomes)}")
-        out.append(f"process_mrelease: {_hist(g.mrelease_status)}")
-        out.append(f"errno: {_hist(g.errno)}")
+        out.append(f"outcomes: {_hist(g.outcomes, md)}")
+        out.append(f"process_mrelease: {_hist(g.mrelease_status, md)}")
+        out.append(f"errno: {_hist(g.errno, md)}")
         out.append("")
         rows = [
             [m.name, m.unit, str(s.n), fmt(s.median), fmt(s.p90), fmt(s.p99), fmt(s.mean)] for m, s in g.metrics if s.n
@@ -116,7 +156,7 @@ def render_report(groups: list[GroupReport], problems: Sequence[str], fmt_name: 
         out += _grid(["victim RSS", "records"], [[_bin_label(lo, hi), str(c)] for lo, hi, c in g.size_bins], md)
         out.append("")
     if problems:
-        out += ["skipped lines:", *_problems_text(problems)]
+        out += ["skipped lines:", *problems_text(problems, md)]
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -160,10 +200,10 @@ def _row_json(r: Row) -> dict[str, Any]:
     }
 
 
-def render_comparison(cmp: Comparison, problems: Sequence[str], fmt_name: str) -> str:
+def render_comparison(cmp: Comparison, problems: Problems, fmt_name: str) -> str:
     """The comparison in ``fmt_name`` ("table", "markdown" or "json"); B - A in the differences."""
     if fmt_name == "json":
-        return json.dumps(
+        return _json(
             {
                 "a_label": cmp.label_a,
                 "b_label": cmp.label_b,
@@ -171,11 +211,10 @@ def render_comparison(cmp: Comparison, problems: Sequence[str], fmt_name: str) -
                 "warnings": cmp.warnings,
                 "problems": list(problems[:1000]),
                 "problems_total": len(problems),
-            },
-            indent=2,
+            }
         )
     md = fmt_name == "markdown"
-    a, b = cmp.label_a, cmp.label_b
+    a, b = label(cmp.label_a, md), label(cmp.label_b, md)
     header = [
         "metric",
         "unit",
@@ -217,7 +256,7 @@ def render_comparison(cmp: Comparison, problems: Sequence[str], fmt_name: str) -
     out = [f"## {b} vs {a}" if md else f"{b} vs {a} (differences are {b} - {a})", ""]
     out += _grid(header, rows, md) if rows else ["no values to compare"]
     if cmp.warnings:
-        out += ["", "warnings:", *(f"- {w}" for w in cmp.warnings)]
+        out += ["", "warnings:", *(f"- {label(w, md, NOTE_CHARS)}" for w in cmp.warnings)]
     if problems:
-        out += ["", "skipped lines:", *_problems_text(problems)]
+        out += ["", "skipped lines:", *problems_text(problems, md)]
     return "\n".join(out).rstrip() + "\n"

@@ -292,4 +292,7 @@ def _warn(a: RecordTable, b: RecordTable, cmp: Comparison, opts: BootstrapOption
         for cat in ("kernel_release", "machine_model"):
             seen = [k for k in t.categories[cat].counts() if k is not None]
             if len(seen) > 1:
-                cmp.warnings.append(f"{label} mixes {len(seen)} values of {cat}: {', '.join(seen)}")
+                # A few of them, each cut short: a hostile file can hold thousands of long values.
+                shown = ", ".join(repr(k[:80]) for k in seen[:5])
+                shown += f" and {len(seen) - 5} more" if len(seen) > 5 else ""
+                cmp.warnings.append(f"{label} mixes {len(seen)} values of {cat}: {shown}")

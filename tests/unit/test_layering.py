@@ -29,7 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     "procfs": set(),
     "text": set(),  # printable(): text from processes and record files made safe to show
     "safepath": set(),  # open a directory only root or we can have changed (the records writer)
-    "records": {"safepath"},
+    "records": {"safepath", "text"},
     "provenance": {"lmkd_py", "records"},
     "psi": {"config", "procfs"},
     "policy": {"config", "procfs"},
@@ -49,7 +49,7 @@ ALLOWED: dict[str, set[str]] = {
                 "tracing"},
     "tools": {"config", "killer", "log", "procfs", "provenance", "records", "syscalls", "text", "tracing"},
     "stress": {"log"},
-    "report": {"records"},
+    "report": {"records", "text"},
     # The lab's in-guest program runs one kill at a time with the killer itself (no daemon).
     "lab": {"lmkd_py", "killer", "reaper", "log", "procfs", "provenance", "records", "report", "stress", "syscalls",
             "tracing"},

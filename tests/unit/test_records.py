@@ -3,15 +3,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from lmkd_py.records import (
     SCHEMA_VERSION,
     KillRecord,
     Mrelease,
     MreleaseStatus,
     Outcome,
-    RecordFormatError,
     RecordWriter,
     Steps,
     Victim,
@@ -67,13 +64,16 @@ def test_bad_middle_line_costs_only_itself(tmp_path: Path) -> None:
     assert any(":2:" in p for p in got.problems) and any(":3:" in p and "schema_version" in p for p in got.problems)
 
 
-def test_newer_schema_is_refused_naming_file_and_line(tmp_path: Path) -> None:
+def test_newer_schema_is_skipped_and_named_not_misread(tmp_path: Path) -> None:
     path = tmp_path / "r.jsonl"
     obj = json.loads(make(0).model_dump_json())
     obj["schema_version"] = SCHEMA_VERSION + 1
-    path.write_text(make(1).model_dump_json() + "\n" + json.dumps(obj) + "\n")
-    with pytest.raises(RecordFormatError, match=r"r\.jsonl:2: .*newer"):
-        read_records([path])
+    path.write_text(make(1).model_dump_json() + "\n" + json.dumps(obj) + "\n" + make(2).model_dump_json() + "\n")
+    got = read_records([path])
+    assert [r.record_id for r in got.records] == ["r1", "r2"]
+    assert len(got.problems) == 1
+    assert got.problems[0].startswith(f"{path}:2: skipped: record schema_version {SCHEMA_VERSION + 1} is newer")
+    assert "upgrade lmkd-py" in got.problems[0]
 
 
 def test_rotation_caps_the_disk_use(tmp_path: Path) -> None:

@@ -24,7 +24,6 @@ from lmkd_py.records import (  # noqa: E402
     MreleaseStatus,
     Outcome,
     Provenance,
-    RecordFormatError,
     Steps,
     Victim,
     read_records,
@@ -152,16 +151,22 @@ def test_reader_skips_and_words_problems_exactly_as_read_records(tmp_path: Path)
     assert table.columns["mrelease_wall_ns"].tolist() == walls
 
 
-def test_newer_schema_version_is_refused_naming_file_and_line(tmp_path: Path) -> None:
+def test_newer_schema_version_is_skipped_naming_file_and_line(tmp_path: Path) -> None:
+    """One board on a newer lmkd-py must not cost the report of the whole fleet (issue 18, item 7)."""
     newer = json.loads(rec().model_dump_json()) | {"schema_version": 99}
     path = write(tmp_path / "new.jsonl", [rec(), json.dumps(newer) + "\n"])
-    with pytest.raises(RecordFormatError, match=r"new\.jsonl:2: record schema_version 99 is newer"):
-        load_table([path])
-    rc, out, err = run_report([path])
-    assert rc == 2 and out == ""
+    other = write(tmp_path / "other.jsonl", [rec(kernel_release="6.1.0"), rec(kernel_release="6.1.0")])
+    table = load_table([path, other])
+    assert table.rows == 3
+    assert list(table.problems) == [
+        f"{path}:2: skipped: record schema_version 99 is newer than this lmkd-py understands (1); upgrade lmkd-py "
+        "to read it"
+    ]
+    rc, out, err = run_report([path, other], fmt="table")
+    assert rc == 0 and "records: 1" in out and "records: 2" in out
     assert f"{path}:2:" in err and "upgrade lmkd-py" in err
-    rc, _, err = run_compare(a=[path], b=[path])
-    assert rc == 2 and f"{path}:2:" in err
+    rc, out, err = run_compare(a=[path], b=[other], format="table")
+    assert rc == 0 and f"{path}:2:" in err and "diff median" in out
 
 
 def test_truncated_file_is_read_with_a_note(tmp_path: Path) -> None:
