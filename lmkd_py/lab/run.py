@@ -135,6 +135,10 @@ class _Collector:
                 run.outcomes[record.outcome.value] = run.outcomes.get(record.outcome.value, 0) + 1
                 log.info("lab.record", label=run.label, n=run.records, outcome=record.outcome.value,
                          kill_to_exit_ms=None if record.kill_to_exit_ns is None else record.kill_to_exit_ns / 1e6)
+            else:
+                # Disk full, or a records path the writer refuses (e.g. an output directory others may
+                # write): a lost record must show in the run's problems, not vanish.
+                run.problems.append(f"record not stored: {self.writer.stats.last_error}")
         elif kind == "hello":
             run.hello = obj
             log.info("lab.guest_up", label=run.label, kernel=obj.get("kernel_release"), tracer=obj.get("tracer"))

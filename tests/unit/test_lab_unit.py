@@ -405,6 +405,19 @@ def _run(tmp_path: Path, label: str = "A") -> GuestRun:
                     console_path=tmp_path / f"console-{label}.log", qemu_argv=["qemu"])
 
 
+def test_collector_names_a_record_it_could_not_store(tmp_path: Path) -> None:
+    out = tmp_path / "shared"
+    out.mkdir()
+    os.chmod(out, 0o777)  # an output directory anyone may write: the records writer refuses it
+    run = _run(out)
+    c = _Collector(run)
+    c.feed(f"{MARKER} record {_record(1).model_dump_json()}\n".encode())
+    c.close()
+    assert run.records == 0 and not run.records_path.exists()
+    assert len(run.problems) == 1 and run.problems[0].startswith("record not stored: ")
+    assert f"directory {out} is writable by group and others (mode 0777)" in run.problems[0]
+
+
 def test_collector_splits_lines_across_reads(tmp_path: Path) -> None:
     run = _run(tmp_path)
     c = _Collector(run)
