@@ -57,10 +57,12 @@ class MreleaseStatus(StrEnum):
     NOT_ATTEMPTED = "not_attempted"  # no SIGKILL was delivered, so there was nothing to release
 
 
-# Every integer in a record is a kernel or clock value that fits in 64 bits. The bound turns a hostile
-# record (an integer of 10**400) into a field error at validation, instead of an OverflowError wherever the
-# value is later made a float.
-Int64 = Annotated[int, Field(ge=-(1 << 63), lt=1 << 64)]
+# Every integer in a record is a kernel or clock value that fits in a signed 64-bit int (2**63 ns is 292
+# years). The bound turns a hostile record (an integer of 10**400) into a field error at validation, instead
+# of an OverflowError wherever the value is later made a float. Signed 64 bits rather than unsigned: a
+# bound beyond int64 sends every integer through pydantic-core's big-int comparison (validation of a full
+# record went from ~18 to ~27 us here).
+Int64 = Annotated[int, Field(ge=-(1 << 63), le=(1 << 63) - 1)]
 
 
 class _Model(BaseModel):
