@@ -387,6 +387,39 @@ def test_iter_lines_splits_like_split_and_cuts_only_long_lines(
         assert complete == (i < len(expected) - 1 or data.endswith(b"\n"))
 
 
+_UNSAFE_OUTPUT = set(map(chr, [*range(0, 9), *range(11, 32), *range(0x7F, 0xA0)])) | {"\u202e", "\u2028"}
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(labels=st.lists(st.text(min_size=0, max_size=30), min_size=1, max_size=4))
+def test_any_labels_render_safely(labels: list[str]) -> None:
+    """Whatever a record file says its kernel, machine and errno are, text output carries no control
+    character, Markdown output no active markup from it, and JSON output is strict JSON."""
+    import tempfile
+
+    obj = good_obj()
+    with tempfile.TemporaryDirectory(prefix="lmkd-py-fuzz-") as tmp:
+        lines = [
+            json.dumps(obj | {"provenance": {"kernel_release": lab, "machine_model": labels[-1]},
+                              "mrelease": obj["mrelease"] | {"errno_name": lab}})
+            for lab in labels
+        ]
+        path = write(Path(tmp) / "r.jsonl", lines)
+        for fmt in ("table", "markdown", "json"):
+            proc = lmkd("report", "--format", fmt, str(path))
+            assert proc.returncode == 0, proc.stderr
+            if fmt == "json":
+                doc = strict_json(proc.stdout)
+                assert records_in(doc) == len(labels)
+                continue
+            body = proc.stdout.replace("\n", "")
+            assert not _UNSAFE_OUTPUT & set(body), repr(body)
+            if fmt == "markdown":
+                for lab in labels:
+                    if any(c in lab for c in "<>[]`|"):
+                        assert f"kernel {lab} /" not in proc.stdout
+
+
 # --- process names on the terminal ----------------------------------------------------------------------
 
 
@@ -417,6 +450,16 @@ def test_console_log_escapes_values_from_processes(console_log: io.StringIO) -> 
     assert "\x1b" not in out and "\u202e" not in out
     # the renderer may quote a value with spaces (repr): the escapes show either way
     assert "x1b[2Jevil" in out and "n2026-01-01 [info] forged" in out and "cgroup=/a\\u202eb" in out
+
+
+def test_console_log_traceback_keeps_lines_but_not_escapes(console_log: io.StringIO) -> None:
+    try:
+        raise ValueError("comm \x1b[2Jevil")
+    except ValueError:
+        structlog.get_logger().exception("loop.error")
+    out = console_log.getvalue()
+    assert "\x1b" not in out and "Traceback (most recent call last):\n" in out
+    assert "ValueError: comm \\x1b[2Jevil" in out
 
 
 def test_json_log_stays_exact(tmp_path: Path) -> None:

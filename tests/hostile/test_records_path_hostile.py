@@ -260,3 +260,24 @@ def test_too_many_trusted_symlinks_is_an_error_not_a_hang(tmp_path: Path) -> Non
     (tmp_path / "loop").symlink_to("loop")
     with pytest.raises(UntrustedPath, match="more than 40 symlinks"):
         open_trusted_dir(tmp_path / "loop" / "x")
+
+
+def test_relative_path_and_trusted_relative_symlink_with_dotdot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "up").symlink_to("../real")
+    monkeypatch.chdir(tmp_path)
+    w = RecordWriter(Path("links/up/records.jsonl"))
+    monkeypatch.chdir("/")  # the path was pinned when the writer was made
+    w.check()
+    assert w.write(make(0))
+    assert [r.record_id for r in iter_records(tmp_path / "real" / "records.jsonl")] == ["r0"]
+
+
+def test_a_file_where_a_directory_should_be_names_it(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("")
+    with pytest.raises(RecordsPathError, match=f"records path .*: Not a directory \\({tmp_path}/f\\)") as err:
+        RecordWriter(tmp_path / "f" / "sub" / "records.jsonl").check()
+    assert not err.value.insecure
