@@ -281,3 +281,17 @@ def test_a_file_where_a_directory_should_be_names_it(tmp_path: Path) -> None:
     with pytest.raises(RecordsPathError, match=f"records path .*: Not a directory \\({tmp_path}/f\\)") as err:
         RecordWriter(tmp_path / "f" / "sub" / "records.jsonl").check()
     assert not err.value.insecure
+
+
+def test_observe_refuses_at_start(attacker_dir: Path) -> None:
+    """Observe checks the records path before it reports ready, not at the first kill it sees."""
+    records = attacker_dir / "records.jsonl"
+    out = subprocess.run(
+        [sys.executable, "-m", "lmkd_py.cli", "observe", "--records", str(records), "--duration", "30",
+         "--log-format", "json"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 2, out.stderr
+    assert f"records path {records}: directory {attacker_dir} is owned by uid {NOBODY}" in out.stderr
+    assert "observe.ready" not in out.stderr and "Traceback" not in out.stderr
+    assert list(attacker_dir.iterdir()) == []
