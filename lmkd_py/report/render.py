@@ -87,9 +87,8 @@ def _grid(header: list[str], rows: list[list[str]], markdown: bool) -> list[str]
     """A table of cells already made safe to show: values from records go in through ``label``, which
     escapes them for the format; the rest (metric names, numbers, units) is this module's own text."""
     if markdown:
-        esc = [header, *rows]
-        lines = ["| " + " | ".join(esc[0]) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        return lines + ["| " + " | ".join(r) + " |" for r in esc[1:]]
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        return lines + ["| " + " | ".join(r) + " |" for r in rows]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
     def line(r: list[str]) -> str:
