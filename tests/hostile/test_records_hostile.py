@@ -123,6 +123,7 @@ def test_hostile_value_costs_only_its_line(tmp_path: Path, bad: bytes, why: str)
     assert proc.returncode == 0 and strict_json(proc.stdout)["problems_total"] == 2
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's overflow warnings are expected here
 def test_infinity_and_nan_never_reach_json_output(tmp_path: Path) -> None:
     """1e400 parses to infinity and NaN is a token json.loads accepts: both are 'unknown', and the JSON
     printed is strict JSON (null), in report and in compare."""
