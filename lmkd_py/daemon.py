@@ -164,6 +164,8 @@ class Daemon:
             changed = (new.pressure, new.signals) != (old.pressure, old.signals)
             source = self.builder.source(new) if changed else None
             sink = open_writer(new) if new.records != old.records else None
+            if sink is not None:
+                sink.check()
         except OSError as exc:
             return f"cannot apply: {exc}"
         # Everything could be made: swap.

@@ -132,6 +132,7 @@ def _serve(cfg: Config, args: argparse.Namespace) -> int:
 
         protect_self(cfg.self_protection, LinuxSyscalls())
     writer = open_writer(cfg)
+    writer.check()  # an unsafe or unwritable records path is refused now, not found at the first kill
     rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     old_wakeup = signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
     try:

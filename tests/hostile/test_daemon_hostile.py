@@ -149,3 +149,24 @@ def test_an_unprivileged_killer_says_at_start_what_it_lacks(
     no_traceback(p)
     assert p.returncode == 0, p.stderr[-2000:]
     assert '"daemon.no_cap_kill"' in p.stderr and "CAP_KILL" in p.stderr
+
+
+@needs_root
+def test_the_daemon_refuses_an_unsafe_records_path_before_it_is_ready(tmp_path: Path, empty_scope: Path) -> None:
+    """Issue 18 items 1 and 8: a records path in a directory someone else controls is refused at start
+    (not at the first kill), naming the path; the symlink's target is untouched."""
+    from tests.conftest import NOBODY
+
+    os.chmod(tmp_path, 0o755)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, NOBODY, NOBODY)
+    target = tmp_path / "precious"
+    target.write_text("do not append\n")
+    (theirs / "records.jsonl").symlink_to(target)
+    env = dict(os.environ, LMKD_PY_RUNTIME_DIR=str(tmp_path / "run"))
+    p = run_cli(["--cgroup", str(empty_scope), "--tracing", "off", "--records", str(theirs / "records.jsonl"),
+                 "--duration", "1"], env=env)
+    no_traceback(p)
+    assert p.returncode == 1 and "cannot start" in p.stderr and str(theirs) in p.stderr, p.stderr[-2000:]
+    assert target.read_text() == "do not append\n"
