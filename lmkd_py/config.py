@@ -12,7 +12,9 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from lmkd_py.patterns import PatternError, compile_pattern
 
 NEVER_KILL_ADJ = 1001  # a level whose min_oom_score_adj is above 1000 wakes the daemon but kills nothing
 
@@ -202,12 +204,24 @@ class SignalsConfig(_Frozen):
 
 
 class PolicyConfig(_Frozen):
-    protect_comm: tuple[str, ...] = Field(default=(), description="regexes (fullmatch) of comm never killed")
-    protect_cmdline: tuple[str, ...] = Field(default=(), description="regexes (search) of cmdline never killed")
-    protect_cgroup: tuple[str, ...] = Field(default=(), description="cgroup v2 path prefixes never killed")
-    protect_uid: tuple[int, ...] = Field(default=(), description="uids whose processes are never killed")
-    prefer_comm: tuple[str, ...] = Field(default=(), description="regexes (fullmatch) of comm killed first")
-    prefer_cmdline: tuple[str, ...] = Field(default=(), description="regexes (search) of cmdline killed first")
+    # comm and cmdline are chosen by each process itself (prctl(PR_SET_NAME), argv): those keys are
+    # forgeable. They are matched with RE2 (lmkd_py/patterns.py), linear in the text.
+    protect_comm: tuple[str, ...] = Field(
+        default=(), description="RE2 regexes (full match) of comm never killed. FORGEABLE: any process can "
+        "name itself so (prctl PR_SET_NAME); use protect_exe, protect_cgroup or protect_uid to protect")
+    protect_cmdline: tuple[str, ...] = Field(
+        default=(), description="RE2 regexes (search) of the cmdline (argv joined by spaces, first 512 "
+        "characters) never killed. FORGEABLE: any process chooses its own argv")
+    protect_cgroup: tuple[str, ...] = Field(
+        default=(), description="cgroup v2 path prefixes never killed. Not forgeable by an unprivileged "
+        "process, except inside a subtree delegated to its user (systemd delegates user@UID.service): "
+        "protect system cgroups, not user ones")
+    protect_uid: tuple[int, ...] = Field(
+        default=(), description="uids (owner of /proc/PID: the effective uid) whose processes are never "
+        "killed. Not forgeable without privilege")
+    prefer_comm: tuple[str, ...] = Field(default=(), description="RE2 regexes (full match) of comm killed first")
+    prefer_cmdline: tuple[str, ...] = Field(
+        default=(), description="RE2 regexes (search) of cmdline killed first")
     prefer_cgroup: tuple[str, ...] = Field(default=(), description="cgroup v2 path prefixes killed first")
     prefer_adj_bonus: int = Field(
         default=300, ge=0, le=2000,
@@ -217,14 +231,15 @@ class PolicyConfig(_Frozen):
 
     @field_validator("protect_comm", "protect_cmdline", "prefer_comm", "prefer_cmdline")
     @classmethod
-    def _valid_regex(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
-        import re
-
-        for p in patterns:
+    def _valid_regex(cls, patterns: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        # Compiled with the engine policy.py matches with (RE2), so that check-config refuses exactly
+        # what the daemon could not run in linear time.
+        comm = str(info.field_name).endswith("_comm")
+        for i, p in enumerate(patterns):
             try:
-                re.compile(p)
-            except re.error as exc:
-                raise ValueError(f"bad regex {p!r}: {exc}") from None
+                compile_pattern(p, "fullmatch" if comm else "search")
+            except PatternError as exc:
+                raise ValueError(f"pattern {i} {p!r}: {exc}") from None
         return patterns
 
 

@@ -7,11 +7,11 @@ candidates' values (ties broken by pid), never on the order they were given in.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from lmkd_py.config import NEVER_KILL_ADJ, PolicyConfig
+from lmkd_py.patterns import Pattern, compile_pattern
 from lmkd_py.procfs import cgroup_under
 
 OOM_SCORE_ADJ_MIN = -1000  # "never kill" per the kernel's own OOM killer
@@ -48,14 +48,15 @@ class Choice:
 
 @dataclass(frozen=True)
 class Rules:
-    """PolicyConfig compiled once (regexes), plus what only the daemon knows (its own pids, the scope)."""
+    """PolicyConfig compiled once (regexes, with RE2: linear in the text, which users choose), plus what
+    only the daemon knows (its own pids, the scope)."""
 
-    protect_comm: tuple[re.Pattern[str], ...] = ()
-    protect_cmdline: tuple[re.Pattern[str], ...] = ()
+    protect_comm: tuple[Pattern, ...] = ()
+    protect_cmdline: tuple[Pattern, ...] = ()
     protect_cgroup: tuple[str, ...] = ()
     protect_uid: frozenset[int] = frozenset()
-    prefer_comm: tuple[re.Pattern[str], ...] = ()
-    prefer_cmdline: tuple[re.Pattern[str], ...] = ()
+    prefer_comm: tuple[Pattern, ...] = ()
+    prefer_cmdline: tuple[Pattern, ...] = ()
     prefer_cgroup: tuple[str, ...] = ()
     prefer_adj_bonus: int = 300
     min_rss_kib: int = 0
@@ -67,12 +68,12 @@ class Rules:
         cls, cfg: PolicyConfig, *, self_pids: Iterable[int] = (), scope_cgroup: str | None = None
     ) -> Rules:
         return cls(
-            protect_comm=tuple(re.compile(p) for p in cfg.protect_comm),
-            protect_cmdline=tuple(re.compile(p) for p in cfg.protect_cmdline),
+            protect_comm=tuple(compile_pattern(p, "fullmatch") for p in cfg.protect_comm),
+            protect_cmdline=tuple(compile_pattern(p, "search") for p in cfg.protect_cmdline),
             protect_cgroup=cfg.protect_cgroup,
             protect_uid=frozenset(cfg.protect_uid),
-            prefer_comm=tuple(re.compile(p) for p in cfg.prefer_comm),
-            prefer_cmdline=tuple(re.compile(p) for p in cfg.prefer_cmdline),
+            prefer_comm=tuple(compile_pattern(p, "fullmatch") for p in cfg.prefer_comm),
+            prefer_cmdline=tuple(compile_pattern(p, "search") for p in cfg.prefer_cmdline),
             prefer_cgroup=cfg.prefer_cgroup,
             prefer_adj_bonus=cfg.prefer_adj_bonus,
             min_rss_kib=cfg.min_rss_kib,
@@ -100,9 +101,9 @@ def exclusion(c: Candidate, rules: Rules) -> str | None:
         return "oom_score_adj -1000"
     if rules.scope_cgroup is not None and not cgroup_under(c.cgroup, rules.scope_cgroup):
         return f"outside scope {rules.scope_cgroup}"
-    if any(p.fullmatch(c.comm) for p in rules.protect_comm):
+    if any(p.matches(c.comm) for p in rules.protect_comm):
         return "protected comm"
-    if any(p.search(c.cmdline) for p in rules.protect_cmdline):
+    if any(p.matches(c.cmdline) for p in rules.protect_cmdline):
         return "protected cmdline"
     if any(cgroup_under(c.cgroup, p) for p in rules.protect_cgroup):
         return "protected cgroup"
@@ -115,8 +116,8 @@ def exclusion(c: Candidate, rules: Rules) -> str | None:
 
 def preferred(c: Candidate, rules: Rules) -> bool:
     return (
-        any(p.fullmatch(c.comm) for p in rules.prefer_comm)
-        or any(p.search(c.cmdline) for p in rules.prefer_cmdline)
+        any(p.matches(c.comm) for p in rules.prefer_comm)
+        or any(p.matches(c.cmdline) for p in rules.prefer_cmdline)
         or any(cgroup_under(c.cgroup, p) for p in rules.prefer_cgroup)
     )
 

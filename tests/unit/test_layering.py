@@ -22,7 +22,8 @@ KILL_MODE = {"daemon", "killer", "candidates", "service", "policy", "psi", "prot
 # room -> rooms it may import at run time ("lmkd_py" is the package root: __version__).
 ALLOWED: dict[str, set[str]] = {
     "lmkd_py": set(),
-    "config": set(),
+    "patterns": set(),  # the one room that imports re2
+    "config": {"patterns"},
     "log": set(),
     "syscalls": set(),
     "sdnotify": set(),
@@ -30,7 +31,7 @@ ALLOWED: dict[str, set[str]] = {
     "records": set(),
     "provenance": {"lmkd_py", "records"},
     "psi": {"config", "procfs"},
-    "policy": {"config", "procfs"},
+    "policy": {"config", "patterns", "procfs"},
     "protect": {"config", "procfs", "syscalls"},
     "tracing": {"procfs", "records"},
     "candidates": {"policy", "procfs"},
