@@ -203,6 +203,36 @@ class SignalsConfig(_Frozen):
         return self
 
 
+class ExeIdentity(_Frozen):
+    """An executable together with the uid running it: identity a process cannot forge. The path
+    alone is not enough: an unprivileged user can bind-mount any file at /usr/sbin/sshd inside a user
+    and mount namespace of their own, and /proc/PID/exe then reads "/usr/sbin/sshd" (d_path within that
+    namespace); that process still runs under the user's own uid."""
+
+    path: str = Field(
+        description="absolute path of the executable as /proc/PID/exe shows it (symlinks resolved, e.g. "
+        "/usr/sbin/sshd); ending in '/': every executable under that directory. No globs. Name only "
+        "files and directories that users cannot write to"
+    )
+    uid: int = Field(ge=0, le=4_294_967_294, description="the uid that must own the process (owner of /proc/PID)")
+
+    @field_validator("path")
+    @classmethod
+    def _canonical_path(cls, path: str) -> str:
+        # /proc/PID/exe holds a canonical path: an entry that is not canonical could never match, and a
+        # glob character would be read as a literal. Refuse both rather than protect nothing silently.
+        if not path.startswith("/"):
+            raise ValueError(f"{path!r}: not an absolute path")
+        if "\0" in path:
+            raise ValueError(f"{path!r}: contains NUL")
+        if any(ch in path for ch in "*?["):
+            raise ValueError(f"{path!r}: globs are not supported; end a directory with '/' to cover what it holds")
+        parts = path.rstrip("/").split("/")[1:]
+        if path != "/" and any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"{path!r}: not canonical (empty, '.' or '..' component)")
+        return path
+
+
 class PolicyConfig(_Frozen):
     # comm and cmdline are chosen by each process itself (prctl(PR_SET_NAME), argv): those keys are
     # forgeable. They are matched with RE2 (lmkd_py/patterns.py), linear in the text.
@@ -216,6 +246,13 @@ class PolicyConfig(_Frozen):
         default=(), description="cgroup v2 path prefixes never killed. Not forgeable by an unprivileged "
         "process, except inside a subtree delegated to its user (systemd delegates user@UID.service): "
         "protect system cgroups, not user ones")
+    protect_exe: tuple[ExeIdentity, ...] = Field(
+        default=(),
+        description="executables never killed, each with the uid that must run it: "
+        "{path = '/usr/sbin/sshd', uid = 0}; a path ending in '/' covers a directory. Not forgeable: "
+        "/proc/PID/exe is set by the kernel at exec (the uid guards against a path faked in a private "
+        "mount namespace). Needs CAP_SYS_PTRACE to read other users' exe; unreadable means not protected",
+    )
     protect_uid: tuple[int, ...] = Field(
         default=(), description="uids (owner of /proc/PID: the effective uid) whose processes are never "
         "killed. Not forgeable without privilege")

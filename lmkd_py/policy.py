@@ -28,7 +28,8 @@ class Candidate:
     rss_kib: int
     swap_kib: int = 0
     cmdline: str = ""
-    uid: int | None = None
+    uid: int | None = None  # owner of /proc/PID (the effective uid)
+    exe: str | None = None  # /proc/PID/exe; None: unknown (unreadable, kernel thread, gone)
     cgroup: str | None = None  # cgroup v2 path
     ppid: int = 0
     kernel_thread: bool = False
@@ -54,6 +55,7 @@ class Rules:
     protect_comm: tuple[Pattern, ...] = ()
     protect_cmdline: tuple[Pattern, ...] = ()
     protect_cgroup: tuple[str, ...] = ()
+    protect_exe: tuple[tuple[str, int], ...] = ()  # (path or directory ending in "/", uid)
     protect_uid: frozenset[int] = frozenset()
     prefer_comm: tuple[Pattern, ...] = ()
     prefer_cmdline: tuple[Pattern, ...] = ()
@@ -71,6 +73,7 @@ class Rules:
             protect_comm=tuple(compile_pattern(p, "fullmatch") for p in cfg.protect_comm),
             protect_cmdline=tuple(compile_pattern(p, "search") for p in cfg.protect_cmdline),
             protect_cgroup=cfg.protect_cgroup,
+            protect_exe=tuple((e.path, e.uid) for e in cfg.protect_exe),
             protect_uid=frozenset(cfg.protect_uid),
             prefer_comm=tuple(compile_pattern(p, "fullmatch") for p in cfg.prefer_comm),
             prefer_cmdline=tuple(compile_pattern(p, "search") for p in cfg.prefer_cmdline),
@@ -101,6 +104,8 @@ def exclusion(c: Candidate, rules: Rules) -> str | None:
         return "oom_score_adj -1000"
     if rules.scope_cgroup is not None and not cgroup_under(c.cgroup, rules.scope_cgroup):
         return f"outside scope {rules.scope_cgroup}"
+    if protected_exe(c, rules.protect_exe):
+        return "protected exe"
     if any(p.matches(c.comm) for p in rules.protect_comm):
         return "protected comm"
     if any(p.matches(c.cmdline) for p in rules.protect_cmdline):
@@ -112,6 +117,17 @@ def exclusion(c: Candidate, rules: Rules) -> str | None:
     if c.size_kib < rules.min_rss_kib:
         return f"smaller than {rules.min_rss_kib} KiB"
     return None
+
+
+def protected_exe(c: Candidate, entries: tuple[tuple[str, int], ...]) -> bool:
+    """Whether ``c``'s executable and owner match an entry: the exact path, or any path under an entry
+    ending in "/". An unknown exe or uid matches nothing."""
+    if c.exe is None or c.uid is None:
+        return False
+    for path, uid in entries:
+        if uid == c.uid and (c.exe == path or (path.endswith("/") and c.exe.startswith(path))):
+            return True
+    return False
 
 
 def preferred(c: Candidate, rules: Rules) -> bool:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,3 +76,32 @@ def test_check_config_ok_and_schema() -> None:
 def test_missing_file() -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(Path("/nonexistent/lmkd.toml"))
+
+
+def test_protect_exe_entries(tmp_path: Path) -> None:
+    from lmkd_py.config import ExeIdentity
+
+    f = tmp_path / "c.toml"
+    f.write_text('[policy]\nprotect_exe = [{ path = "/usr/sbin/sshd", uid = 0 }, { path = "/opt/db/", uid = 112 }]\n')
+    assert load_config(f).policy.protect_exe == (ExeIdentity(path="/usr/sbin/sshd", uid=0),
+                                                 ExeIdentity(path="/opt/db/", uid=112))
+
+
+@pytest.mark.parametrize(
+    ("entry", "why"),
+    [
+        ('"/usr/sbin/sshd"', "policy.protect_exe.0"),  # a bare path: the uid is required
+        ('{ path = "/usr/sbin/sshd" }', "policy.protect_exe.0.uid: Field required"),
+        ('{ path = "usr/sbin/sshd", uid = 0 }', "not an absolute path"),
+        ('{ path = "/usr/sbin/ssh*", uid = 0 }', "globs are not supported"),
+        ('{ path = "/usr//sbin/sshd", uid = 0 }', "not canonical"),
+        ('{ path = "/usr/sbin/../bin/x", uid = 0 }', "not canonical"),
+        ('{ path = "/usr/sbin/sshd", uid = -1 }', "policy.protect_exe.0.uid"),
+        ('{ path = "/usr/sbin/sshd", uid = 0, comm = "sshd" }', "unknown key"),
+    ],
+)
+def test_bad_protect_exe_is_named(tmp_path: Path, entry: str, why: str) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(f"[policy]\nprotect_exe = [{entry}]\n")
+    with pytest.raises(ConfigError, match=re.escape(why)):
+        load_config(f)
