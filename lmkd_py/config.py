@@ -12,13 +12,30 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from lmkd_py.patterns import PatternError, compile_pattern
 
 NEVER_KILL_ADJ = 1001  # a level whose min_oom_score_adj is above 1000 wakes the daemon but kills nothing
 
+# The watchdog of systemd/lmkd-py.service (a unit test keeps the two equal). The loop pings every
+# WatchdogSec/2 (sd_watchdog_enabled(3)), so a turn may start up to 15 s after the last ping and must
+# end within the other 15 s. A pressure event blocks the loop for at most max_attempts exit timeouts
+# plus one memory-recovery wait (every victim stuck but the last, which exits late and then frees
+# slowly); the rest of the turn (two candidate refreshes, ~20-40 ms for 1,000 processes; PSI reads; a
+# record's fsync, which can take seconds under writeback pressure) gets the remaining 3 s.
+WATCHDOG_SEC = 30
+KILL_BUDGET_MS = WATCHDOG_SEC * 1000 // 2 - 3000
+
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a TOML boolean is true or false, never "off", "yes" or 0, and a number is not a string or
+    # a boolean (pydantic's lax mode takes all of those). Lists (-> tuples) and strings (-> Path) are
+    # what TOML has for those types, so those fields opt out with _LAX (their items stay strict).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+_LAX = False  # Field(strict=_LAX): TOML array -> tuple, TOML string -> Path
 
 
 class Level(_Frozen):
@@ -75,23 +92,34 @@ class PressureConfig(_Frozen):
     )
     cgroup: Path | None = Field(
         default=None,
+        strict=_LAX,
         description="cgroup v2 directory whose memory.pressure is watched and whose subtree holds the only "
         "candidates (default: system-wide /proc/pressure/memory, all processes)",
     )
     poll_interval_ms: int = Field(default=1000, ge=10, le=60_000, description="polling fallback period (ms)")
-    levels: tuple[Level, ...] = Field(default_factory=_default_levels, min_length=1)
+    levels: tuple[Level, ...] = Field(default_factory=_default_levels, min_length=1, strict=_LAX)
     mem_floor_pct: float | None = Field(
         default=5.0,
-        ge=0.1,
+        ge=0,
         le=50.0,
         description="also act when free memory (MemAvailable + per-CPU free lists) falls below this % of "
         "MemTotal: without swap or page cache, memory runs out before PSI stalls build up and the kernel OOM "
-        "killer would act first. Checked on the signals' adaptive period (signals.alloc_rate_mib_s). None: off. "
-        "System-wide, so not used with pressure.cgroup (there cgroup headroom watches the limit)",
+        "killer would act first. Checked on the signals' adaptive period (signals.alloc_rate_mib_s). 0: off "
+        "(TOML has no null, and a missing key means the default). Otherwise 0.1-50. System-wide, so not "
+        "used with pressure.cgroup (there cgroup headroom watches the limit)",
     )
     mem_floor_min_oom_score_adj: int = Field(
         default=0, ge=-999, le=1000, description="lowest oom_score_adj the memory floor may kill"
     )
+
+    @field_validator("mem_floor_pct")
+    @classmethod
+    def _floor_off_at_zero(cls, pct: float | None) -> float | None:
+        if pct == 0:
+            return None  # off; the daemon reads None as "no floor"
+        if pct is not None and pct < 0.1:
+            raise ValueError(f"{pct}: 0 (off) or 0.1-50")
+        return pct
 
     @field_validator("levels")
     @classmethod
@@ -201,14 +229,76 @@ class SignalsConfig(_Frozen):
         return self
 
 
+class ExeIdentity(_Frozen):
+    """An executable together with the uid running it: identity a process cannot forge. The path
+    alone is not enough: an unprivileged user can bind-mount any file at /usr/sbin/sshd inside a user
+    and mount namespace of their own, and /proc/PID/exe then reads "/usr/sbin/sshd" (d_path within that
+    namespace); that process still runs under the user's own uid."""
+
+    path: str = Field(
+        description="absolute path of the executable as /proc/PID/exe shows it (symlinks resolved, e.g. "
+        "/usr/sbin/sshd); ending in '/': every executable under that directory. No globs. Name only "
+        "files and directories that users cannot write to"
+    )
+    uid: int = Field(ge=0, le=4_294_967_294, description="the uid that must own the process (owner of /proc/PID)")
+
+    @field_validator("path")
+    @classmethod
+    def _canonical_path(cls, path: str) -> str:
+        # /proc/PID/exe holds a canonical path: an entry that is not canonical could never match, and a
+        # glob character would be read as a literal. Refuse both rather than protect nothing silently.
+        if not path.startswith("/"):
+            raise ValueError(f"{path!r}: not an absolute path")
+        if "\0" in path:
+            raise ValueError(f"{path!r}: contains NUL")
+        if any(ch in path for ch in "*?["):
+            raise ValueError(f"{path!r}: globs are not supported; end a directory with '/' to cover what it holds")
+        parts = path.rstrip("/").split("/")[1:]
+        if path != "/" and any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"{path!r}: not canonical (empty, '.' or '..' component)")
+        return path
+
+
 class PolicyConfig(_Frozen):
-    protect_comm: tuple[str, ...] = Field(default=(), description="regexes (fullmatch) of comm never killed")
-    protect_cmdline: tuple[str, ...] = Field(default=(), description="regexes (search) of cmdline never killed")
-    protect_cgroup: tuple[str, ...] = Field(default=(), description="cgroup v2 path prefixes never killed")
-    protect_uid: tuple[int, ...] = Field(default=(), description="uids whose processes are never killed")
-    prefer_comm: tuple[str, ...] = Field(default=(), description="regexes (fullmatch) of comm killed first")
-    prefer_cmdline: tuple[str, ...] = Field(default=(), description="regexes (search) of cmdline killed first")
-    prefer_cgroup: tuple[str, ...] = Field(default=(), description="cgroup v2 path prefixes killed first")
+    # comm and cmdline are chosen by each process itself (prctl(PR_SET_NAME), argv): those keys are
+    # forgeable. They are matched with RE2 (lmkd_py/patterns.py), linear in the text.
+    protect_comm: tuple[str, ...] = Field(
+        default=(), strict=_LAX,
+        description="RE2 regexes (full match) of comm never killed. FORGEABLE: any process can name itself "
+        "so (prctl PR_SET_NAME); use protect_exe, protect_cgroup or protect_uid to protect",
+    )
+    protect_cmdline: tuple[str, ...] = Field(
+        default=(), strict=_LAX,
+        description="RE2 regexes (search) of the cmdline (argv joined by spaces, first 512 characters) never "
+        "killed. FORGEABLE: any process chooses its own argv",
+    )
+    protect_cgroup: tuple[str, ...] = Field(
+        default=(), strict=_LAX,
+        description="cgroup v2 path prefixes never killed. Not forgeable by an unprivileged process, except "
+        "inside a subtree delegated to its user (systemd delegates user@UID.service): protect system "
+        "cgroups, not user ones",
+    )
+    protect_exe: tuple[ExeIdentity, ...] = Field(
+        default=(), strict=_LAX,
+        description="executables never killed, each with the uid that must run it: "
+        "{path = '/usr/sbin/sshd', uid = 0}; a path ending in '/' covers a directory. Not forgeable: "
+        "/proc/PID/exe is set by the kernel at exec (the uid guards against a path faked in a private "
+        "mount namespace). Needs CAP_SYS_PTRACE to read other users' exe; unreadable means not protected",
+    )
+    protect_uid: tuple[int, ...] = Field(
+        default=(), strict=_LAX,
+        description="uids (owner of /proc/PID: the effective uid) whose processes are never killed. Not "
+        "forgeable without privilege",
+    )
+    prefer_comm: tuple[str, ...] = Field(
+        default=(), strict=_LAX, description="RE2 regexes (full match) of comm killed first"
+    )
+    prefer_cmdline: tuple[str, ...] = Field(
+        default=(), strict=_LAX, description="RE2 regexes (search) of cmdline killed first"
+    )
+    prefer_cgroup: tuple[str, ...] = Field(
+        default=(), strict=_LAX, description="cgroup v2 path prefixes killed first"
+    )
     prefer_adj_bonus: int = Field(
         default=300, ge=0, le=2000,
         description="added to a preferred process' oom_score_adj (capped at 1000) for eligibility and order",
@@ -217,20 +307,25 @@ class PolicyConfig(_Frozen):
 
     @field_validator("protect_comm", "protect_cmdline", "prefer_comm", "prefer_cmdline")
     @classmethod
-    def _valid_regex(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
-        import re
-
-        for p in patterns:
+    def _valid_regex(cls, patterns: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        # Compiled with the engine policy.py matches with (RE2), so that check-config refuses exactly
+        # what the daemon could not run in linear time.
+        comm = str(info.field_name).endswith("_comm")
+        for i, p in enumerate(patterns):
             try:
-                re.compile(p)
-            except re.error as exc:
-                raise ValueError(f"bad regex {p!r}: {exc}") from None
+                compile_pattern(p, "fullmatch" if comm else "search")
+            except PatternError as exc:
+                raise ValueError(f"pattern {i} {p!r}: {exc}") from None
         return patterns
 
 
 class KillConfig(_Frozen):
     mrelease: bool = Field(default=True, description="call process_mrelease right after SIGKILL")
-    exit_timeout_ms: int = Field(default=5000, ge=100, le=120_000, description="wait this long for the exit (ms)")
+    exit_timeout_ms: int = Field(
+        default=3000, ge=100, le=120_000,
+        description="wait this long for the exit (ms). A victim still there after SIGKILL and process_mrelease "
+        "for this long is stuck (frozen, D state); exits took 20 us-250 ms when measured",
+    )
     mem_recovery_timeout_ms: int = Field(
         default=2000, ge=0, le=60_000, description="after the exit, wait this long for MemAvailable (ms)"
     )
@@ -256,6 +351,18 @@ class KillConfig(_Frozen):
         "only its killable members, one by one)",
     )
 
+    @model_validator(mode="after")
+    def _within_watchdog(self) -> KillConfig:
+        worst_ms = self.max_attempts * self.exit_timeout_ms + self.mem_recovery_timeout_ms
+        if worst_ms > KILL_BUDGET_MS:
+            raise ValueError(
+                f"max_attempts {self.max_attempts} x exit_timeout_ms {self.exit_timeout_ms} + "
+                f"mem_recovery_timeout_ms {self.mem_recovery_timeout_ms} = {worst_ms} ms: one pressure event "
+                f"could hold the loop longer than {KILL_BUDGET_MS} ms, and systemd's watchdog "
+                f"(WatchdogSec={WATCHDOG_SEC}s) would kill the daemon mid-kill"
+            )
+        return self
+
 
 class CandidatesConfig(_Frozen):
     refresh_interval_ms: int = Field(
@@ -267,6 +374,7 @@ class CandidatesConfig(_Frozen):
 class RecordsConfig(_Frozen):
     path: Path | None = Field(
         default=None,
+        strict=_LAX,
         description="JSONL records file (default: /var/lib/lmkd-py/records.jsonl as root, else "
         "$XDG_STATE_HOME/lmkd-py/records.jsonl)",
     )

@@ -7,11 +7,11 @@ candidates' values (ties broken by pid), never on the order they were given in.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from lmkd_py.config import NEVER_KILL_ADJ, PolicyConfig
+from lmkd_py.patterns import Pattern, compile_pattern
 from lmkd_py.procfs import cgroup_under
 
 OOM_SCORE_ADJ_MIN = -1000  # "never kill" per the kernel's own OOM killer
@@ -28,7 +28,8 @@ class Candidate:
     rss_kib: int
     swap_kib: int = 0
     cmdline: str = ""
-    uid: int | None = None
+    uid: int | None = None  # owner of /proc/PID (the effective uid)
+    exe: str | None = None  # /proc/PID/exe; None: unknown (unreadable, kernel thread, gone)
     cgroup: str | None = None  # cgroup v2 path
     ppid: int = 0
     kernel_thread: bool = False
@@ -48,14 +49,16 @@ class Choice:
 
 @dataclass(frozen=True)
 class Rules:
-    """PolicyConfig compiled once (regexes), plus what only the daemon knows (its own pids, the scope)."""
+    """PolicyConfig compiled once (regexes, with RE2: linear in the text, which users choose), plus what
+    only the daemon knows (its own pids, the scope)."""
 
-    protect_comm: tuple[re.Pattern[str], ...] = ()
-    protect_cmdline: tuple[re.Pattern[str], ...] = ()
+    protect_comm: tuple[Pattern, ...] = ()
+    protect_cmdline: tuple[Pattern, ...] = ()
     protect_cgroup: tuple[str, ...] = ()
+    protect_exe: tuple[tuple[str, int], ...] = ()  # (path or directory ending in "/", uid)
     protect_uid: frozenset[int] = frozenset()
-    prefer_comm: tuple[re.Pattern[str], ...] = ()
-    prefer_cmdline: tuple[re.Pattern[str], ...] = ()
+    prefer_comm: tuple[Pattern, ...] = ()
+    prefer_cmdline: tuple[Pattern, ...] = ()
     prefer_cgroup: tuple[str, ...] = ()
     prefer_adj_bonus: int = 300
     min_rss_kib: int = 0
@@ -67,12 +70,13 @@ class Rules:
         cls, cfg: PolicyConfig, *, self_pids: Iterable[int] = (), scope_cgroup: str | None = None
     ) -> Rules:
         return cls(
-            protect_comm=tuple(re.compile(p) for p in cfg.protect_comm),
-            protect_cmdline=tuple(re.compile(p) for p in cfg.protect_cmdline),
+            protect_comm=tuple(compile_pattern(p, "fullmatch") for p in cfg.protect_comm),
+            protect_cmdline=tuple(compile_pattern(p, "search") for p in cfg.protect_cmdline),
             protect_cgroup=cfg.protect_cgroup,
+            protect_exe=tuple((e.path, e.uid) for e in cfg.protect_exe),
             protect_uid=frozenset(cfg.protect_uid),
-            prefer_comm=tuple(re.compile(p) for p in cfg.prefer_comm),
-            prefer_cmdline=tuple(re.compile(p) for p in cfg.prefer_cmdline),
+            prefer_comm=tuple(compile_pattern(p, "fullmatch") for p in cfg.prefer_comm),
+            prefer_cmdline=tuple(compile_pattern(p, "search") for p in cfg.prefer_cmdline),
             prefer_cgroup=cfg.prefer_cgroup,
             prefer_adj_bonus=cfg.prefer_adj_bonus,
             min_rss_kib=cfg.min_rss_kib,
@@ -100,9 +104,11 @@ def exclusion(c: Candidate, rules: Rules) -> str | None:
         return "oom_score_adj -1000"
     if rules.scope_cgroup is not None and not cgroup_under(c.cgroup, rules.scope_cgroup):
         return f"outside scope {rules.scope_cgroup}"
-    if any(p.fullmatch(c.comm) for p in rules.protect_comm):
+    if protected_exe(c, rules.protect_exe):
+        return "protected exe"
+    if any(p.matches(c.comm) for p in rules.protect_comm):
         return "protected comm"
-    if any(p.search(c.cmdline) for p in rules.protect_cmdline):
+    if any(p.matches(c.cmdline) for p in rules.protect_cmdline):
         return "protected cmdline"
     if any(cgroup_under(c.cgroup, p) for p in rules.protect_cgroup):
         return "protected cgroup"
@@ -113,10 +119,21 @@ def exclusion(c: Candidate, rules: Rules) -> str | None:
     return None
 
 
+def protected_exe(c: Candidate, entries: tuple[tuple[str, int], ...]) -> bool:
+    """Whether ``c``'s executable and owner match an entry: the exact path, or any path under an entry
+    ending in "/". An unknown exe or uid matches nothing."""
+    if c.exe is None or c.uid is None:
+        return False
+    for path, uid in entries:
+        if uid == c.uid and (c.exe == path or (path.endswith("/") and c.exe.startswith(path))):
+            return True
+    return False
+
+
 def preferred(c: Candidate, rules: Rules) -> bool:
     return (
-        any(p.fullmatch(c.comm) for p in rules.prefer_comm)
-        or any(p.search(c.cmdline) for p in rules.prefer_cmdline)
+        any(p.matches(c.comm) for p in rules.prefer_comm)
+        or any(p.matches(c.cmdline) for p in rules.prefer_cmdline)
         or any(cgroup_under(c.cgroup, p) for p in rules.prefer_cgroup)
     )
 

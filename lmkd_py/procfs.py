@@ -186,6 +186,17 @@ def parse_cmdline(data: bytes) -> list[str]:
     return [part.decode(errors="replace") for part in data.split(b"\0") if part] if data else []
 
 
+DELETED_SUFFIX = " (deleted)"
+
+
+def parse_exe_link(target: str) -> str:
+    """The executable's path from a /proc/PID/exe link target. The kernel's d_path() appends
+    " (deleted)" once the file was unlinked (a package upgrade replaces /usr/sbin/sshd under the
+    running daemon); the path it names is still the one the process was started from. Only the final
+    component grows, so stripping cannot move a path into another directory."""
+    return target.removesuffix(DELETED_SUFFIX)
+
+
 @dataclass(frozen=True, slots=True)
 class CgroupEntry:
     hierarchy_id: int
@@ -411,6 +422,16 @@ class ProcFs:
         try:
             with open(path, "rb") as fh:
                 return parse_cmdline(fh.read())
+        except ProcessLookupError:
+            raise FileNotFoundError(path) from None
+
+    def exe(self, pid: int) -> str:
+        """The executable's path (see parse_exe_link). Raises FileNotFoundError for kernel threads and
+        vanished processes, PermissionError for another user's process without CAP_SYS_PTRACE (the
+        kernel checks ptrace_may_access(PTRACE_MODE_READ_FSCREDS))."""
+        path = self._pid_file(pid, "exe")
+        try:
+            return parse_exe_link(os.readlink(path))
         except ProcessLookupError:
             raise FileNotFoundError(path) from None
 

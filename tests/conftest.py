@@ -66,7 +66,7 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (cgroups, 
 
 
 NOBODY = 65534
-NOBODY_MODULES = ("lmkd_py", "pydantic", "pydantic_core", "structlog", "typing_extensions", "annotated_types",
+NOBODY_MODULES = ("lmkd_py", "pydantic", "pydantic_core", "structlog", "typing_extensions", "annotated_types", "re2",
                   "typing_inspection")
 
 

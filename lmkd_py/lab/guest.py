@@ -35,9 +35,13 @@ from lmkd_py.lab.image import Entry, gzip_bytes, tree_entries, unresolved_librar
 from lmkd_py.lab.protocol import MARKER
 
 PY: Final = "3.13"
-GUEST_PACKAGES: Final = ("busybox-static", f"python{PY}-minimal", f"libpython{PY}-stdlib", "earlyoom")
+# libstdc++6: google-re2's extension module (C++) links it; nothing else in the guest pulls it in.
+GUEST_PACKAGES: Final = ("busybox-static", f"python{PY}-minimal", f"libpython{PY}-stdlib", "earlyoom", "libstdc++6")
 USERLAND_RELEASE: Final = "trixie"
-WHEEL_PLATFORM: Final = "manylinux2014_aarch64"
+# pip download takes the platform tags literally (no older manylinux implied), so both are named:
+# pydantic-core ships manylinux2014 (glibc 2.17) wheels, google-re2 manylinux_2_28 ones. The guest's
+# trixie userland has glibc 2.41, so both run.
+WHEEL_PLATFORMS: Final = ("manylinux2014_aarch64", "manylinux_2_28_aarch64")
 SITE: Final = "usr/lib/python3/dist-packages"
 LIB_DIRS: Final = ("usr/lib/aarch64-linux-gnu", "usr/lib", "usr/lib/aarch64-linux-gnu/gconv")
 # Binaries whose libraries must all be present, or the guest cannot do its job.
@@ -209,7 +213,7 @@ class GuestBuilder:
             raise GuestBuildError(str(exc)) from exc
         wheels = self._download_wheels(runtime_requirements())
         lock = {"packages": [d.as_dict() for d in debs], "wheels": wheels, "python": PY,
-                "userland_release": USERLAND_RELEASE, "wheel_platform": WHEEL_PLATFORM}
+                "userland_release": USERLAND_RELEASE, "wheel_platform": " ".join(WHEEL_PLATFORMS)}
         self.lock_path.write_text(json.dumps(lock, indent=2, sort_keys=True) + "\n")
         return lock
 
@@ -234,7 +238,8 @@ class GuestBuilder:
     def _download_wheels(self, pins: list[str]) -> list[dict[str, str]]:
         with tempfile.TemporaryDirectory(prefix="lmkd-py-lab-wheels-") as tmp:
             argv = [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check",
-                    "--only-binary=:all:", "--platform", WHEEL_PLATFORM, "--python-version", PY,
+                    "--only-binary=:all:", *(a for p in WHEEL_PLATFORMS for a in ("--platform", p)),
+                    "--python-version", PY,
                     "--implementation", "cp", "--abi", f"cp{PY.replace('.', '')}", "-d", tmp, *pins]
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=1800, check=False)
             if proc.returncode != 0:

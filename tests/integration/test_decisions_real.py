@@ -65,7 +65,7 @@ def scope() -> Iterator[object]:
         yield cg
 
 
-def daemon_for(cg: object, *, exit_timeout_ms: int = 5000, mrelease: bool = True) -> tuple[Daemon, ListSink]:
+def daemon_for(cg: object, *, exit_timeout_ms: int = 3000, mrelease: bool = True) -> tuple[Daemon, ListSink]:
     from lmkd_py.stress import PressureCgroup
 
     assert isinstance(cg, PressureCgroup)

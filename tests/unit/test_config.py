@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from lmkd_py.config import Config, ConfigError, load_config
+from lmkd_py.config import Config, ConfigError, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT = ROOT / "config" / "lmkd-py.toml"
@@ -75,3 +78,158 @@ def test_check_config_ok_and_schema() -> None:
 def test_missing_file() -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(Path("/nonexistent/lmkd.toml"))
+
+
+def test_protect_exe_entries(tmp_path: Path) -> None:
+    from lmkd_py.config import ExeIdentity
+
+    f = tmp_path / "c.toml"
+    f.write_text('[policy]\nprotect_exe = [{ path = "/usr/sbin/sshd", uid = 0 }, { path = "/opt/db/", uid = 112 }]\n')
+    assert load_config(f).policy.protect_exe == (ExeIdentity(path="/usr/sbin/sshd", uid=0),
+                                                 ExeIdentity(path="/opt/db/", uid=112))
+
+
+@pytest.mark.parametrize(
+    ("entry", "why"),
+    [
+        ('"/usr/sbin/sshd"', "policy.protect_exe.0"),  # a bare path: the uid is required
+        ('{ path = "/usr/sbin/sshd" }', "policy.protect_exe.0.uid: Field required"),
+        ('{ path = "usr/sbin/sshd", uid = 0 }', "not an absolute path"),
+        ('{ path = "/usr/sbin/ssh*", uid = 0 }', "globs are not supported"),
+        ('{ path = "/usr//sbin/sshd", uid = 0 }', "not canonical"),
+        ('{ path = "/usr/sbin/../bin/x", uid = 0 }', "not canonical"),
+        ('{ path = "/usr/sbin/sshd", uid = -1 }', "policy.protect_exe.0.uid"),
+        ('{ path = "/usr/sbin/sshd", uid = "0" }', "policy.protect_exe.0.uid"),
+        ('{ path = "/usr/sbin/sshd", uid = 0, comm = "sshd" }', "unknown key"),
+    ],
+)
+def test_bad_protect_exe_is_named(tmp_path: Path, entry: str, why: str) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(f"[policy]\nprotect_exe = [{entry}]\n")
+    with pytest.raises(ConfigError, match=re.escape(why)):
+        load_config(f)
+
+
+BOOL_KEYS = ["dry_run", "kill.mrelease", "kill.recheck_pressure", "records.fsync", "self_protection.mlockall",
+             "observe.trace_mrelease", "signals.cgroup_headroom", "signals.lmkd_reasons"]
+
+
+def _nest(dotted: str, value: object) -> dict[str, object]:
+    *tables, key = dotted.split(".")
+    doc: dict[str, object] = {key: value}
+    for t in reversed(tables):
+        doc = {t: doc}
+    return doc
+
+
+def test_every_bool_field_is_listed() -> None:
+    def bools(model: type, prefix: str = "") -> list[str]:
+        out = []
+        for name, f in model.model_fields.items():  # type: ignore[attr-defined]
+            if f.annotation is bool:
+                out.append(prefix + name)
+            elif isinstance(f.annotation, type) and hasattr(f.annotation, "model_fields"):
+                out += bools(f.annotation, f"{prefix}{name}.")
+        return out
+
+    assert sorted(bools(Config)) == sorted(BOOL_KEYS)
+
+
+@pytest.mark.parametrize("key", BOOL_KEYS)
+@pytest.mark.parametrize("value", ["off", "on", "yes", "no", "true", "false", 0, 1, 0.0, "1"])
+def test_booleans_are_true_or_false_only(key: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=re.escape(key) + ": Input should be a valid boolean"):
+        parse_config(_nest(key, value))
+    assert parse_config(_nest(key, True)) is not None and parse_config(_nest(key, False)) is not None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.integers(), st.floats(allow_nan=True), st.text(max_size=8), st.lists(st.booleans(), max_size=2)))
+def test_no_non_boolean_passes_for_a_boolean(value: object) -> None:
+    with pytest.raises(ConfigError, match=r"kill\.mrelease"):
+        parse_config({"kill": {"mrelease": value}})
+
+
+@pytest.mark.parametrize(
+    ("toml", "culprit"),
+    [
+        ("[kill]\nmax_attempts = '3'", "kill.max_attempts"),
+        ("[kill]\nmax_attempts = true", "kill.max_attempts"),
+        ("[kill]\nmax_attempts = 3.0", "kill.max_attempts"),
+        ("[pressure]\nmem_floor_pct = '5'", "pressure.mem_floor_pct"),
+        ("[pressure]\nmem_floor_pct = true", "pressure.mem_floor_pct"),
+        ("[policy]\nprotect_uid = ['0']", "policy.protect_uid.0"),
+        ("[policy]\nprotect_uid = [true]", "policy.protect_uid.0"),
+        ("[policy]\nprotect_comm = [1]", "policy.protect_comm.0"),
+    ],
+)
+def test_numbers_and_strings_are_not_coerced(tmp_path: Path, toml: str, culprit: str) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(toml)
+    with pytest.raises(ConfigError, match=re.escape(culprit)):
+        load_config(f)
+
+
+def test_lists_paths_and_ints_for_floats_still_load(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text("[pressure]\ncgroup = '/sys/fs/cgroup/unified/x'\nmem_floor_pct = 7\n"
+                 "[records]\npath = '/tmp/r.jsonl'\n[policy]\nprotect_uid = [0, 42]\n")
+    cfg = load_config(f)
+    assert cfg.pressure.cgroup == Path("/sys/fs/cgroup/unified/x") and cfg.pressure.mem_floor_pct == 7.0
+    assert cfg.records.path == Path("/tmp/r.jsonl") and cfg.policy.protect_uid == (0, 42)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("0", None), ("0.0", None), ("0.1", 0.1), ("5", 5.0), ("50", 50.0)]
+)
+def test_mem_floor_zero_turns_it_off(tmp_path: Path, value: str, expected: float | None) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(f"[pressure]\nmem_floor_pct = {value}\n")
+    assert load_config(f).pressure.mem_floor_pct == expected
+
+
+@pytest.mark.parametrize("value", ["0.05", "-1", "50.5"])
+def test_mem_floor_between_off_and_the_minimum_is_refused(tmp_path: Path, value: str) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(f"[pressure]\nmem_floor_pct = {value}\n")
+    with pytest.raises(ConfigError, match=r"pressure\.mem_floor_pct"):
+        load_config(f)
+
+
+def test_mem_floor_off_reaches_the_daemon() -> None:
+    """0 in the file means no floor check in the daemon's source (polling /proc/pressure/memory)."""
+    from lmkd_py.builder import Builder
+    from lmkd_py.procfs import ProcFs
+    from lmkd_py.signals import FloorCheck
+
+    for pct, floor in ((0, False), (5, True)):
+        cfg = parse_config({"pressure": {"source": "poll", "mem_floor_pct": pct}, "signals": {"lmkd_reasons": False}})
+        src = Builder(ProcFs(), None).source(cfg)
+        try:
+            assert any(isinstance(c, FloorCheck) for c in getattr(src, "checks", [])) is floor
+        finally:
+            src.close()
+
+
+def test_kill_waits_must_fit_the_watchdog(tmp_path: Path) -> None:
+    from lmkd_py.config import KILL_BUDGET_MS, KillConfig
+
+    d = KillConfig()
+    assert d.max_attempts * d.exit_timeout_ms + d.mem_recovery_timeout_ms <= KILL_BUDGET_MS == 12_000
+    assert parse_config({"kill": {"max_attempts": 2, "exit_timeout_ms": 5000, "mem_recovery_timeout_ms": 2000}})
+    f = tmp_path / "c.toml"
+    f.write_text("[kill]\nexit_timeout_ms = 5000\nmax_attempts = 3\nmem_recovery_timeout_ms = 2000\n")
+    with pytest.raises(ConfigError, match=r"kill: .*max_attempts 3 x exit_timeout_ms 5000 \+ "
+                                          r"mem_recovery_timeout_ms 2000 = 17000 ms.*WatchdogSec=30s"):
+        load_config(f)
+    out = subprocess.run([sys.executable, "-m", "lmkd_py.cli", "check-config", str(f)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "kill:" in out.stderr and "17000 ms" in out.stderr
+
+
+def test_watchdog_constant_matches_the_unit_file() -> None:
+    from lmkd_py.config import WATCHDOG_SEC
+
+    unit = (ROOT / "systemd" / "lmkd-py.service").read_text()
+    (line,) = [ln for ln in unit.splitlines() if ln.startswith("WatchdogSec=")]
+    assert line == f"WatchdogSec={WATCHDOG_SEC}s"

@@ -22,7 +22,8 @@ KILL_MODE = {"daemon", "killer", "candidates", "service", "policy", "psi", "prot
 # room -> rooms it may import at run time ("lmkd_py" is the package root: __version__).
 ALLOWED: dict[str, set[str]] = {
     "lmkd_py": set(),
-    "config": set(),
+    "patterns": set(),  # the one room that imports re2
+    "config": {"patterns"},
     "log": {"text"},
     "syscalls": set(),
     "sdnotify": set(),
@@ -32,7 +33,7 @@ ALLOWED: dict[str, set[str]] = {
     "records": {"safepath", "text"},
     "provenance": {"lmkd_py", "records"},
     "psi": {"config", "procfs"},
-    "policy": {"config", "procfs"},
+    "policy": {"config", "patterns", "procfs"},
     "protect": {"config", "procfs", "syscalls"},
     "tracing": {"procfs", "records"},
     "candidates": {"policy", "procfs"},

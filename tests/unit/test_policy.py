@@ -131,3 +131,23 @@ def test_band_prefix_equals_ranking_at_that_floor(cs: list[Candidate], min_adj: 
     from lmkd_py.policy import band_prefix
 
     assert band_prefix(rank_victims(cs, -999, RULES), min_adj) == rank_victims(cs, min_adj, RULES)
+
+
+def test_protect_exe_needs_path_and_uid() -> None:
+    from lmkd_py.config import ExeIdentity
+
+    rules = Rules.from_config(PolicyConfig(protect_exe=(
+        ExeIdentity(path="/usr/sbin/sshd", uid=0), ExeIdentity(path="/usr/lib/postgresql/", uid=112))))
+    cases = [
+        (cand(1_001, exe="/usr/sbin/sshd", uid=0), "protected exe"),
+        (cand(1_002, exe="/usr/sbin/sshd", uid=1000), None),  # path faked in a user's mount namespace
+        (cand(1_003, exe="/usr/sbin/sshd", uid=None), None),  # owner unknown
+        (cand(1_004, exe=None, uid=0), None),  # exe unreadable
+        (cand(1_005, exe="/usr/sbin/sshd2", uid=0), None),
+        (cand(1_006, exe="/usr/lib/postgresql/16/bin/postgres", uid=112), "protected exe"),
+        (cand(1_007, exe="/usr/lib/postgresqlx/postgres", uid=112), None),
+        (cand(1_008, exe="/usr/lib/postgresql/16/bin/postgres", uid=0), None),
+        (cand(1_009, comm="sshd", exe="/home/u/hog", uid=1000), None),  # a name is no identity
+    ]
+    for c, why in cases:
+        assert exclusion(c, rules) == why, c

@@ -211,3 +211,36 @@ def test_capability_bits() -> None:
     assert has_capability(here, CAP_IPC_LOCK) and not has_capability(here, CAP_SYS_RESOURCE)
     assert not has_capability("CapEff:\tzz\n", CAP_IPC_LOCK)
     assert not has_capability("Name:\tx\n", CAP_IPC_LOCK)
+
+
+def test_exe_link_and_unknown_exe_logged_once(tmp_path: Path) -> None:
+    import time
+
+    from structlog.testing import capture_logs
+
+    from lmkd_py.candidates import CandidateTable
+    from lmkd_py.policy import Rules
+    from lmkd_py.procfs import parse_exe_link
+
+    assert parse_exe_link("/usr/sbin/sshd (deleted)") == "/usr/sbin/sshd"
+    assert parse_exe_link("/usr/sbin/sshd") == "/usr/sbin/sshd"
+    for pid, exe in ((10, "/usr/bin/python3.11"), (11, None)):
+        d = tmp_path / str(pid)
+        d.mkdir()
+        (d / "stat").write_text(f"{pid} (p) {STAT_TAIL}")
+        (d / "oom_score_adj").write_text("0")
+        (d / "cmdline").write_bytes(b"p\0")
+        (d / "cgroup").write_text("0::/\n")
+        if exe is not None:
+            (d / "exe").symlink_to(exe)
+    proc = ProcFs(tmp_path)
+    assert proc.exe(10) == "/usr/bin/python3.11"
+    with pytest.raises(FileNotFoundError):
+        proc.exe(11)
+    table = CandidateTable(proc, Rules(), clock=time.monotonic_ns)
+    with capture_logs() as logs:
+        table.refresh()
+        table.refresh()
+    exes = {c.candidate.pid: c.candidate.exe for c in table.rank(-999)}
+    assert exes == {10: "/usr/bin/python3.11", 11: None}  # unknown exe: still a candidate
+    assert [e["pid"] for e in logs if e["event"] == "candidates.exe_unknown"] == [11]
