@@ -258,7 +258,7 @@ class CandidateTable:
         return band_prefix(self._ranked, min_adj)
 
     def recheck(self, choices: list[Choice], top: int, min_adj: int) -> list[Choice]:
-        """Re-read the first ``top`` choices (identity, adj, RSS + swap, cgroup), re-rank them, and append
+        """Re-read the first ``top`` choices (identity, adj, RSS + swap, cgroup, owner, exe), re-rank them, and append
         the rest unchanged as fallbacks. A process that is gone or now another process is dropped. The
         cgroup is read again because a process can be moved (into a protected cgroup, out of the scope)
         after the refresh cached it."""
@@ -272,6 +272,7 @@ class CandidateTable:
                 status = self.proc.status(c.pid)
                 adj = self.proc.oom_score_adj(c.pid)
                 cgroup = cgroup_v2_path(self.proc.cgroup(c.pid))
+                uid = self.proc.uid(c.pid)  # the owner of /proc/PID, as the refresh reads it (protect_exe)
             except (FileNotFoundError, ProcessLookupError, ProcParseError, PermissionError) as exc:
                 log.debug("candidates.recheck_drop", pid=c.pid, reason=str(exc) or type(exc).__name__)
                 continue
@@ -281,7 +282,8 @@ class CandidateTable:
                 cgroup=cgroup,
                 rss_kib=status.vm_rss_kib if status.vm_rss_kib is not None else st.rss_pages * PAGE_KIB,
                 swap_kib=status.vm_swap_kib or 0,
-                uid=status.uid if status.uid is not None else c.uid,
+                uid=uid,
+                exe=self._exe(c.pid),  # an exec since the refresh changes what it is
             )
             self._cands[c.pid] = updated
             fresh.append(updated)

@@ -70,7 +70,7 @@ class KillOptions:
     """Knobs of one kill (the daemon fills them from the config)."""
 
     mrelease: bool = True  # call process_mrelease after SIGKILL (off: the benchmark's baseline)
-    exit_timeout_ns: int = 5_000_000_000  # give up waiting for the exit after this long
+    exit_timeout_ns: int = 3_000_000_000  # give up waiting for the exit after this long (config's default)
     mem_recovery_timeout_ns: int = 2_000_000_000  # after the exit, wait at most this long for MemAvailable
     mem_recovery_fraction: float = 0.9  # "back" = MemAvailable rose by this share of anon+shmem RSS
     mem_poll_interval_ns: int = 2_000_000  # MemAvailable sampling period while waiting
