@@ -8,23 +8,23 @@ is. ``printable`` spells those characters out instead of emitting them.
 
 from __future__ import annotations
 
-import re
-
 # C0 and C1 controls and DEL; zero-width and bidirectional formatting characters; line/paragraph
 # separators; lone surrogates (from ``surrogateescape`` decoding, unprintable in UTF-8); the BOM.
-_OTHER = "\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff\ud800-\udfff"
-_UNSAFE = re.compile(f"[\x00-\x1f{_OTHER}]")
-_UNSAFE_KEEP_LINES = re.compile(f"[\x00-\x08\x0b-\x1f{_OTHER}]")  # all but \t and \n
+_UNSAFE_RANGES = ((0x00, 0x1F), (0x7F, 0x9F), (0x200B, 0x200F), (0x2028, 0x202E), (0x2066, 0x2069),
+                  (0xFEFF, 0xFEFF), (0xD800, 0xDFFF))
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
-def _escape(m: re.Match[str]) -> str:
-    c = m.group()
-    named = _NAMED.get(c)
+def _escape(code: int) -> str:
+    named = _NAMED.get(chr(code))
     if named is not None:
         return named
-    code = ord(c)
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+# str.translate tables (one pass, linear; no regex engine meets text a process chose).
+_TABLE: dict[int, str] = {c: _escape(c) for lo, hi in _UNSAFE_RANGES for c in range(lo, hi + 1)}
+_TABLE_KEEP_LINES = {c: e for c, e in _TABLE.items() if chr(c) not in "\n\t"}
 
 
 def printable(text: str, *, keep_newlines: bool = False, max_chars: int | None = None) -> str:
@@ -34,8 +34,7 @@ def printable(text: str, *, keep_newlines: bool = False, max_chars: int | None =
     ``keep_newlines``: keep ``\\n`` and ``\\t`` (a traceback stays readable). ``max_chars``: cut longer
     text and say by how much, so one label cannot flood a table.
     """
-    pattern = _UNSAFE_KEEP_LINES if keep_newlines else _UNSAFE
-    out = pattern.sub(_escape, text)
+    out = text.translate(_TABLE_KEEP_LINES if keep_newlines else _TABLE)
     if max_chars is not None and len(out) > max_chars:
         out = f"{out[:max_chars]}…(+{len(out) - max_chars} chars)"
     return out
