@@ -115,7 +115,22 @@ class _Waker:
             pass
 
 
-class TriggerSource:
+class _ExtraWakeFds:
+    """For a source that waits in ``self._poller``: more fds that end a wait early."""
+
+    _poller: select.poll
+
+    def add_wake_fd(self, fd: int, events: int = select.POLLIN) -> None:
+        """Also return from ``wait`` (with no event) when ``fd`` polls ``events``; its owner drains it
+        (signals.AdaptiveSource: v1 memcg thresholds through eventfd, v2 memory.events with POLLPRI)."""
+        self._poller.register(fd, events)
+
+    def remove_wake_fd(self, fd: int) -> None:
+        with contextlib.suppress(KeyError):
+            self._poller.unregister(fd)
+
+
+class TriggerSource(_ExtraWakeFds):
     """PSI triggers, one open file per level, woken by POLLPRI."""
 
     def __init__(
@@ -205,15 +220,6 @@ class TriggerSource:
                 events.append(PressureEvent(level, now, "trigger", str(self.path)))
         return events
 
-    def add_wake_fd(self, fd: int, events: int = select.POLLIN) -> None:
-        """Also return from ``wait`` (with no event) when ``fd`` polls ``events``; its owner drains it
-        (signals.AdaptiveSource: v1 memcg thresholds through eventfd, v2 memory.events with POLLPRI)."""
-        self._poller.register(fd, events)
-
-    def remove_wake_fd(self, fd: int) -> None:
-        with contextlib.suppress(KeyError):
-            self._poller.unregister(fd)
-
     def read(self) -> Psi | None:
         return _read_psi(self.path)
 
@@ -224,7 +230,7 @@ class TriggerSource:
         self._fds.clear()
 
 
-class PollingSource:
+class PollingSource(_ExtraWakeFds):
     """Reads the PSI file every ``interval_ns`` and fires a level when its stall total grew by at least
     its threshold within its window (or, if set, avg10 reached ``poll_avg10_pct``); at most once per
     window per level, like a trigger."""
@@ -301,15 +307,6 @@ class PollingSource:
                 self._last_fired[level.name] = now
                 events.append(PressureEvent(level, now, "poll", str(self.path)))
         return events
-
-    def add_wake_fd(self, fd: int, events: int = select.POLLIN) -> None:
-        """Also return from ``wait`` (with no event) when ``fd`` polls ``events``; its owner drains it
-        (signals.AdaptiveSource: v1 memcg thresholds through eventfd, v2 memory.events with POLLPRI)."""
-        self._poller.register(fd, events)
-
-    def remove_wake_fd(self, fd: int) -> None:
-        with contextlib.suppress(KeyError):
-            self._poller.unregister(fd)
 
     def read(self) -> Psi | None:
         return _read_psi(self.path)
