@@ -230,3 +230,38 @@ def test_a_stuck_reaper_thread_does_not_stall_the_kill(tmp_path: Path, monkeypat
     finally:
         stuck.set()
         killer.close()
+
+
+def test_a_group_kill_signals_through_cgroup_kill_and_links_the_records(tmp_path: Path) -> None:
+    """Issue 12 item 3 on the fakes: one write to cgroup.kill instead of a signal per member, a reap per
+    member, one kill_id; without a usable cgroup.kill, one pidfd signal each."""
+    killer, sys_, world, _clock = make(tmp_path / "proc", exit_after_ms=20)
+    fake_proc(tmp_path / "proc", PID + 1, "second", 100 * 1024, start=START, adj=900)
+    kill_file = tmp_path / "cgroup.kill"
+    kill_file.write_text("")
+    members = [victim(), Victim(pid=PID + 1, comm="second", start_time_ticks=START)]
+    try:
+        recs = killer.kill_group(members, kill_file=kill_file)
+        assert kill_file.read_text() == "1"
+        assert [r.outcome for r in recs] == [Outcome.KILLED, Outcome.KILLED]
+        assert len({r.kill_id for r in recs}) == 1 and recs[0].kill_id
+        assert "pidfd_send_signal" not in sys_.calls and sys_.calls.count("process_mrelease") == 2
+        assert all(r.steps.signal_sent_ns == recs[0].steps.signal_sent_ns for r in recs)
+        sys_.calls.clear()
+        world.signalled_at = None
+        recs = killer.kill_group(members, kill_file=tmp_path)  # a directory: the write fails
+        assert sys_.calls.count("pidfd_send_signal") == 2
+        assert all(any("member by member" in n for n in r.notes) for r in recs)
+    finally:
+        killer.close()
+
+
+def test_a_group_member_that_changed_identity_is_refused_alone(tmp_path: Path) -> None:
+    killer, sys_, _world, _clock = make(tmp_path / "proc")
+    fake_proc(tmp_path / "proc", PID + 1, "second", 100 * 1024, start=START, adj=900)
+    try:
+        recs = killer.kill_group([victim(), Victim(pid=PID + 1, start_time_ticks=START + 7)], kill_file=None)
+    finally:
+        killer.close()
+    assert sorted(r.outcome.value for r in recs) == ["killed", "refused_identity"]
+    assert sys_.calls.count("pidfd_send_signal") == 1
