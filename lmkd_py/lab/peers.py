@@ -122,7 +122,14 @@ def _start_daemon(mode: str, records: Path) -> subprocess.Popen[bytes] | None:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         ready = _wait_line(proc, b"daemon.ready", DAEMON_READY_TIMEOUT_S)
     if not ready:
+        exited = proc.poll()
+        tail = b""
+        if exited is not None and proc.stderr is not None:
+            tail = proc.stderr.read()[-400:]
         _stop(proc)
+        if exited is not None:
+            why = tail.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            raise RuntimeError(f"{mode} exited ({_how(exited)}) before it was ready: {why[0]}")
         raise RuntimeError(f"{mode} did not become ready within {DAEMON_READY_TIMEOUT_S:.0f} s")
     return proc
 
@@ -153,7 +160,11 @@ def episode(mode: str, rnd: int) -> dict[str, Any]:
     from lmkd_py.stress import VictimSpec, spawn_victim
 
     workdir = Path("/tmp")
-    records = workdir / f"peer-{mode}-{rnd}.jsonl"
+    # Records go to a directory only root may write: the records writer refuses a world-writable one
+    # (sticky /tmp may sit above the records, not hold them).
+    records_dir = workdir / "lmkd-py-peers"
+    records_dir.mkdir(mode=0o700, exist_ok=True)
+    records = records_dir / f"peer-{mode}-{rnd}.jsonl"
     named: dict[str, Any] = {}
     grower: subprocess.Popen[bytes] | None = None
     daemon: subprocess.Popen[bytes] | None = None

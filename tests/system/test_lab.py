@@ -55,7 +55,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> LabRun:
     out = tmp_path_factory.mktemp("lab") / "out"
     t0 = time.monotonic()
     proc = _lab(["--kernel", "A=deb:6.12", "--kernel", "B=deb:7", "--kills", str(KILLS), "--size-mib", "32",
-                 "--resamples", "500", "--out", str(out)])
+                 "--resamples", "500", "--peers", "--peer-rounds", "1", "--out", str(out)])
     run = LabRun(proc.returncode, proc.stdout, proc.stderr, out, time.monotonic() - t0)
     print(f"\nlab smoke run: {run.wall_s:.0f} s wall, exit {run.rc}")
     if run.rc == 3:
@@ -105,6 +105,22 @@ def test_both_kernels_boot_kill_and_return_records(smoke: LabRun) -> None:
     assert all(len(p["sha256"]) == 64 for p in guest["packages"])
     assert any(w["filename"].startswith("pydantic_core-") and "aarch64" in w["filename"] for w in guest["wheels"])
     assert all(r["timed_out"] is False and r["guest_exit"] == 0 for r in meta["runs"])
+
+
+def test_every_peer_ran_its_episode_in_both_guests(smoke: LabRun) -> None:
+    """The whole-guest episode under lmkd-py, earlyoom and no daemon: each daemon became ready, the
+    episode ended, and (lmkd-py, earlyoom) the designated victim died first. A daemon that cannot start
+    in the guest (it once refused its records directory there) fails here, not in a long benchmark run."""
+    assert smoke.rc == 0, smoke.stderr[-2000:]
+    meta = json.loads((smoke.out / "lab.json").read_text())
+    for run in meta["runs"]:
+        peers = {p["mode"]: p for p in run["peers"]}
+        assert set(peers) == {"lmkd-py", "earlyoom", "none"}, run["peers"]
+        for mode, p in peers.items():
+            assert "error" not in p, f"{run['label']} {mode}: {p.get('error')}"
+            assert p["timed_out"] is False and p["time_to_first_kill_ms"] is not None, p
+            if mode != "none":
+                assert p["designated_victim_killed_first"] is True, p
 
 
 def test_compare_table_names_both_kernels_and_says_tcg(smoke: LabRun) -> None:
