@@ -258,7 +258,8 @@ class CandidateTable:
         return band_prefix(self._ranked, min_adj)
 
     def recheck(self, choices: list[Choice], top: int, min_adj: int) -> list[Choice]:
-        """Re-read the first ``top`` choices (identity, adj, RSS + swap, cgroup, owner, exe), re-rank them, and append
+        """Re-read the first ``top`` choices (identity, adj, RSS + swap; cgroup, owner and exe when a rule
+        looks at them), re-rank them, and append
         the rest unchanged as fallbacks. A process that is gone or now another process is dropped. The
         cgroup is read again because a process can be moved (into a protected cgroup, out of the scope)
         after the refresh cached it."""
@@ -269,10 +270,13 @@ class CandidateTable:
                 st = self.proc.stat(c.pid)
                 if st.start_time_ticks != c.start_time_ticks or st.state in ("Z", "X"):
                     continue
-                status = self.proc.status(c.pid)
+                rss_kib, swap_kib = self.proc.rss_swap_kib(c.pid)
                 adj = self.proc.oom_score_adj(c.pid)
-                cgroup = cgroup_v2_path(self.proc.cgroup(c.pid))
-                uid = self.proc.uid(c.pid)  # the owner of /proc/PID, as the refresh reads it (protect_exe)
+                # What only some rules look at is read again only when a rule does (~20 us each here).
+                cgroup = cgroup_v2_path(self.proc.cgroup(c.pid)) if self.rules.reads_cgroup else c.cgroup
+                # the owner of /proc/PID, as the refresh reads it (protect_exe, protect_uid)
+                uid = self.proc.uid(c.pid) if self.rules.reads_owner else c.uid
+                exe = self._exe(c.pid) if self.rules.reads_owner else c.exe
             except (FileNotFoundError, ProcessLookupError, ProcParseError, PermissionError) as exc:
                 log.debug("candidates.recheck_drop", pid=c.pid, reason=str(exc) or type(exc).__name__)
                 continue
@@ -280,10 +284,10 @@ class CandidateTable:
                 c,
                 oom_score_adj=adj,
                 cgroup=cgroup,
-                rss_kib=status.vm_rss_kib if status.vm_rss_kib is not None else st.rss_pages * PAGE_KIB,
-                swap_kib=status.vm_swap_kib or 0,
+                rss_kib=rss_kib if rss_kib is not None else st.rss_pages * PAGE_KIB,
+                swap_kib=swap_kib or 0,
                 uid=uid,
-                exe=self._exe(c.pid),  # an exec since the refresh changes what it is
+                exe=exe,  # an exec since the refresh changes what it is
             )
             self._cands[c.pid] = updated
             fresh.append(updated)

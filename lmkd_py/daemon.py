@@ -31,7 +31,7 @@ from lmkd_py.candidates import CandidateTable
 from lmkd_py.config import NEVER_KILL_ADJ, Config, ConfigError
 from lmkd_py.killer import Killer, KillOptions
 from lmkd_py.policy import Choice, hard_exclusion
-from lmkd_py.procfs import ProcFs, Psi, subtree_pids
+from lmkd_py.procfs import ProcFs, ProcParseError, Psi, cgroup_v2_path, subtree_pids
 from lmkd_py.psi import PressureEvent, PressureSource, TriggerUnavailable
 from lmkd_py.records import KillRecord, Outcome, Pressure, Victim, open_writer
 from lmkd_py.sdnotify import Notifier
@@ -366,14 +366,20 @@ class Daemon:
         ``cgroup.kill`` is not used, for it would take that member too."""
         c = choice.candidate
         root = self.builder.cgroup2_root() if self.builder is not None else None
-        if c.cgroup is None or root is None:
+        if root is None:
             return None
-        directory = root / c.cgroup.lstrip("/")
+        try:  # the cgroup now: the table's may predate a move
+            cgroup = cgroup_v2_path(self.table.proc.cgroup(c.pid))
+        except (FileNotFoundError, ProcessLookupError, ProcParseError):
+            return None
+        if cgroup is None:
+            return None
+        directory = root / cgroup.lstrip("/")
         whole = self.cfg.kill.unit == "cgroup" or _read_flag(directory / "memory.oom.group")
         if not whole:
             return None
-        if c.cgroup == "/":
-            log.warning("kill.group_refused", cgroup=c.cgroup, reason="the root cgroup is never killed whole")
+        if cgroup == "/":
+            log.warning("kill.group_refused", cgroup=cgroup, reason="the root cgroup is never killed whole")
             return None
         members, refused = [], []
         for pid in sorted(subtree_pids(directory) | {c.pid}):
@@ -388,7 +394,7 @@ class Daemon:
                                   start_time_ticks=m.start_time_ticks, oom_score_adj=m.oom_score_adj))
         kill_file = directory / "cgroup.kill"
         if refused:
-            log.warning("kill.group_partial", cgroup=c.cgroup, spared=refused)
+            log.warning("kill.group_partial", cgroup=cgroup, spared=refused)
         use_file = not refused and kill_file.exists()
         return _Group(members, kill_file if use_file else None) if members else None
 

@@ -65,6 +65,16 @@ class Rules:
     self_pids: frozenset[int] = field(default_factory=frozenset)
     scope_cgroup: str | None = None  # cgroup v2 path ("/a/b"); only its subtree may be killed
 
+    @property
+    def reads_cgroup(self) -> bool:
+        """Whether any rule looks at a process' cgroup (the decision-time re-read skips it otherwise)."""
+        return bool(self.protect_cgroup or self.prefer_cgroup or self.scope_cgroup is not None)
+
+    @property
+    def reads_owner(self) -> bool:
+        """Whether any rule looks at a process' owner uid or executable."""
+        return bool(self.protect_exe or self.protect_uid)
+
     @classmethod
     def from_config(
         cls, cfg: PolicyConfig, *, self_pids: Iterable[int] = (), scope_cgroup: str | None = None
