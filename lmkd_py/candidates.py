@@ -253,9 +253,12 @@ class CandidateTable:
                 log.debug("candidates.exe_unknown", pid=pid, reason=exc.strerror or type(exc).__name__)
             return None
 
-    def rank(self, min_adj: int) -> list[Choice]:
-        """The ranking of the last refresh for a level's floor: no /proc reads, no sorting."""
-        return band_prefix(self._ranked, min_adj)
+    def rank(self, min_adj: int, limit: int | None = None) -> list[Choice]:
+        """The ranking of the last refresh for a level's floor: no /proc reads, no sorting. ``limit``:
+        only the first so many (a decision needs a handful; copying 5,000 costs ~15 us a time)."""
+        if limit is None:
+            return band_prefix(self._ranked, min_adj)
+        return band_prefix(self._ranked[:limit], min_adj)
 
     def recheck(self, choices: list[Choice], top: int, min_adj: int) -> list[Choice]:
         """Re-read the first ``top`` choices (identity, adj, RSS + swap; cgroup, owner and exe when a rule

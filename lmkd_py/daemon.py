@@ -316,7 +316,11 @@ class Daemon:
         in (no scan: ``CandidateTable.newcomers``), only the event's own victims when it names them (the
         processes of the memcg that runs out), the head re-read, stuck victims left out."""
         newcomers = self.table.newcomers(min_adj)
-        ranked = newcomers + self.table.rank(min_adj)
+        # A decision tries at most max_attempts victims after re-reading recheck_top (plus whatever the
+        # stuck ones and an event's own victims set aside): the rest of the ranking is not copied.
+        limit = None if event.victims is not None else (
+            self.cfg.candidates.recheck_top + self.cfg.kill.max_attempts + len(self.stuck))
+        ranked = newcomers + self.table.rank(min_adj, limit)
         if event.victims is not None:
             ranked = [c for c in ranked if c.candidate.pid in event.victims]
             newcomers = [c for c in newcomers if c.candidate.pid in event.victims]

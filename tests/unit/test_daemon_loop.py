@@ -63,10 +63,10 @@ class Table:
     def refresh(self) -> None:
         self.refreshes += 1
 
-    def rank(self, min_adj: int) -> list[Choice]:
+    def rank(self, min_adj: int, limit: int | None = None) -> list[Choice]:
         from lmkd_py.policy import Rules, rank_victims
 
-        return rank_victims(self.cands, min_adj, Rules())
+        return rank_victims(self.cands, min_adj, Rules())[:limit]
 
     def recheck(self, choices: list[Choice], top: int, min_adj: int) -> list[Choice]:
         return choices
