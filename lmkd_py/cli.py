@@ -12,7 +12,7 @@ from pathlib import Path
 
 from lmkd_py import __version__
 
-COMMANDS = ("kill", "check-config", "config-schema", "report", "compare", "stress", "observe", "lab")
+COMMANDS = ("kill", "check-config", "config-schema", "record-schema", "report", "compare", "stress", "observe", "lab")
 
 
 def _add_daemon_args(p: argparse.ArgumentParser) -> None:
@@ -47,6 +47,7 @@ def _add_config_cmds(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p = sub.add_parser("check-config", help="validate a config file: exit 0, or 2 naming the bad key")
     p.add_argument("file", type=Path, nargs="?", help="default: config/lmkd-py.toml defaults")
     sub.add_parser("config-schema", help="print the config's JSON Schema")
+    sub.add_parser("record-schema", help="print the JSON Schema of one kill record (one JSONL line)")
 
 
 def _add_report(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -133,10 +134,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         from lmkd_py.tools import cmd_kill
 
         handlers["kill"] = cmd_kill
-    elif args.command in ("check-config", "config-schema"):
-        from lmkd_py.tools import cmd_check_config, cmd_config_schema
+    elif args.command in ("check-config", "config-schema", "record-schema"):
+        from lmkd_py.tools import cmd_check_config, cmd_config_schema, cmd_record_schema
 
-        handlers.update({"check-config": cmd_check_config, "config-schema": cmd_config_schema})
+        handlers.update(
+            {"check-config": cmd_check_config, "config-schema": cmd_config_schema, "record-schema": cmd_record_schema}
+        )
     elif args.command in ("report", "compare"):
         from lmkd_py.report import cmd_compare, cmd_report
 

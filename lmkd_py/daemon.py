@@ -17,6 +17,7 @@ can reap a frozen task), the next candidate is killed at once with the reason ``
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -172,7 +173,7 @@ class Daemon:
         self.cfg = new
         self.table.rules = rules
         self.killer.options = KillOptions.from_config(new.kill)
-        self.killer.provenance = self.killer.provenance.model_copy(update={"config_hash": new.digest()})
+        self.killer.provenance = dataclasses.replace(self.killer.provenance, config_hash=new.digest())
         if source is not None:
             self.source.close()
             self.source = source

@@ -12,6 +12,7 @@ the historical field names ``mem_available_*_kib`` for it (schema version 1).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import time
@@ -20,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -134,7 +135,7 @@ class Killer:
 
     def _describe(self, v: Victim) -> Victim:
         """Fill what a snapshot lacks (cmdline, cgroup, adj); each piece is optional."""
-        update: dict[str, object] = {}
+        update: dict[str, Any] = {}
         try:
             if v.cmdline is None:
                 update["cmdline"] = " ".join(self.proc.cmdline(v.pid))[:512]
@@ -144,7 +145,7 @@ class Killer:
                 update["oom_score_adj"] = self.proc.oom_score_adj(v.pid)
         except (FileNotFoundError, ProcParseError) as exc:
             log.debug("kill.describe_failed", pid=v.pid, reason=str(exc))
-        return v.model_copy(update=update) if update else v
+        return dataclasses.replace(v, **update) if update else v
 
     def kill(
         self,
@@ -199,10 +200,10 @@ class Killer:
                     f"{expected.start_time_ticks}: another process reuses the pid; nothing signalled"
                 ),
             )
-        victim = expected.model_copy(update={"start_time_ticks": st.start_time_ticks, "comm": st.comm})
+        victim = dataclasses.replace(expected, start_time_ticks=st.start_time_ticks, comm=st.comm)
         # 2. sizes by kind, just before the kill.
         try:
-            victim = victim.model_copy(update=self.proc.status(expected.pid).victim_fields())
+            victim = dataclasses.replace(victim, **self.proc.status(expected.pid).victim_fields())
         except (FileNotFoundError, ProcParseError) as exc:
             b.notes.append(f"status unreadable before the kill: {exc}")
         b.victim = self._describe(victim)
@@ -428,7 +429,7 @@ class Killer:
             if job.mrelease_end_ns is not None and job.mrelease_start_ns is not None
             else None
         )
-        common = {
+        common: dict[str, Any] = {
             "ret": job.mrelease_ret,
             "errno": job.mrelease_errno,
             "errno_name": errno_name(job.mrelease_errno),
@@ -501,7 +502,7 @@ class _RecordBuilder:
         self.dry_run = dry_run
         self.pressure = pressure
         self.notes = notes
-        self.steps: dict[str, int | None] = {"start_ns": t_start}
+        self.steps: dict[str, Any] = {"start_ns": t_start}
         self.free_before_kib: int | None = None
         self.free_after_kib: int | None = None
         self.recovery_target: int | None = None
@@ -514,7 +515,7 @@ class _RecordBuilder:
             self.notes.append(msg)
 
     def build(self, outcome: Outcome, error: str | None, provenance: Provenance) -> KillRecord:
-        steps = Steps.model_validate(self.steps)
+        steps = Steps(**self.steps)
         record_id = str(uuid.uuid4())
         sent = steps.signal_sent_ns
         free_after_kib = self.free_after_kib
@@ -522,7 +523,7 @@ class _RecordBuilder:
         if pressure is not None and pressure.event_ns is not None:
             decided = sent if sent is not None else steps.sizes_read_ns
             if decided is not None:
-                pressure = pressure.model_copy(update={"decision_latency_ns": decided - pressure.event_ns})
+                pressure = dataclasses.replace(pressure, decision_latency_ns=decided - pressure.event_ns)
         return KillRecord(
             record_id=record_id,
             kill_id=self.kill_id or record_id,

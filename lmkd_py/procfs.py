@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 PF_KTHREAD = 0x00200000  # include/linux/sched.h: task is a kernel thread
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
@@ -78,7 +79,7 @@ class ProcStatus:
     rss_shmem_kib: int | None
     vm_swap_kib: int | None
 
-    def victim_fields(self) -> dict[str, int | None]:
+    def victim_fields(self) -> dict[str, Any]:
         """The fields of a records.Victim this status gives (uid, threads, sizes by kind)."""
         return {
             "uid": self.uid,

@@ -4,6 +4,11 @@ One record per kill attempt: real kills, refusals, failures, dry runs and (obser
 someone else. Unknown values are ``None``, never sentinel numbers. Times are integer nanoseconds of
 CLOCK_MONOTONIC (the clock of ``time.monotonic_ns()`` and of tracefs' ``mono`` trace clock); sizes are KiB.
 
+One definition, three uses: the record classes are plain frozen dataclasses, so the daemon builds and
+writes them (``record_json``: stdlib json) without loading pydantic (issue 13: ~17 MiB resident less);
+the reader and the JSON Schema validate against the very same classes through a pydantic ``TypeAdapter``,
+built on first use (``adapter()``). tests/unit/test_records.py holds writer, reader and schema equal.
+
 Schema versions: a reader accepts every version up to ``SCHEMA_VERSION`` and skips newer ones with a note
 naming the file and line, so an old ``compare`` never silently misreads new data, nor gives up on the
 other files of a fleet because one board runs a newer lmkd-py. Record files are untrusted input: the
@@ -13,22 +18,27 @@ reader never raises on their content (see ``parse_line``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno as errno_mod
+import json
+import math
 import os
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, BinaryIO, Protocol, overload
+from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, Protocol, overload
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic_core import from_json
+from annotated_types import Interval
 
 from lmkd_py import safepath
 from lmkd_py.text import printable
 
 if TYPE_CHECKING:
+    from pydantic import TypeAdapter
+
     from lmkd_py.config import Config
 
 SCHEMA_VERSION = 1
@@ -62,17 +72,18 @@ class MreleaseStatus(StrEnum):
 # of an OverflowError wherever the value is later made a float. Signed 64 bits rather than unsigned: a
 # bound beyond int64 sends every integer through pydantic-core's big-int comparison (validation of a full
 # record went from ~18 to ~27 us here).
-Int64 = Annotated[int, Field(ge=-(1 << 63), le=(1 << 63) - 1)]
+Int64 = Annotated[int, Interval(ge=-(1 << 63), le=(1 << 63) - 1)]
+
+# Records are read back by newer and older tools: the reader ignores unknown keys rather than fail
+# (forward-compatible within one schema version); nothing mutates a record after construction.
+_READER_CONFIG = {"extra": "ignore"}  # pydantic's ConfigDict for a stdlib dataclass, read by the adapter
 
 
-class _Model(BaseModel):
-    # Records are read back by newer and older tools: ignore unknown keys rather than fail
-    # (forward-compatible within one schema version), and never mutate after construction.
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-
-class Provenance(_Model):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Provenance:
     """Where and by what a record was made."""
+
+    __pydantic_config__ = _READER_CONFIG
 
     hostname: str | None = None
     kernel_release: str | None = None  # uname -r
@@ -85,8 +96,11 @@ class Provenance(_Model):
     virtualised: str | None = None  # e.g. "qemu-tcg" when known (the lab sets it)
 
 
-class Victim(_Model):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Victim:
     """The process as it was just before the kill (or as last seen, in observe mode)."""
+
+    __pydantic_config__ = _READER_CONFIG
 
     pid: Int64
     comm: str | None = None
@@ -104,8 +118,11 @@ class Victim(_Model):
     swap_kib: Int64 | None = None
 
 
-class Mrelease(_Model):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Mrelease:
     """The process_mrelease(2) call made on the reaper thread."""
+
+    __pydantic_config__ = _READER_CONFIG
 
     status: MreleaseStatus
     ret: Int64 | None = None
@@ -117,8 +134,11 @@ class Mrelease(_Model):
     note: str | None = None
 
 
-class Steps(_Model):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Steps:
     """CLOCK_MONOTONIC timestamps (ns) of each step of one kill, in the order they happen."""
+
+    __pydantic_config__ = _READER_CONFIG
 
     start_ns: Int64
     pidfd_opened_ns: Int64 | None = None
@@ -132,8 +152,11 @@ class Steps(_Model):
     end_ns: Int64
 
 
-class Pressure(_Model):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Pressure:
     """The pressure event that led to the decision (daemon only)."""
+
+    __pydantic_config__ = _READER_CONFIG
 
     level: str | None = None
     source: str | None = None  # e.g. "/proc/pressure/memory" or a cgroup's memory.pressure
@@ -154,8 +177,11 @@ class Pressure(_Model):
     signals: dict[str, float | Int64 | None] | None = None  # the values that decided, units in the names
 
 
-class KernelTimeline(_Model):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KernelTimeline:
     """Kernel-side view of one kill from tracefs and the proc connector (nullable field by field)."""
+
+    __pydantic_config__ = _READER_CONFIG
 
     source: str | None = None  # e.g. "tracefs+proc_connector", "function_graph"
     unavailable_reason: str | None = None  # why the timeline (or part of it) is missing
@@ -178,11 +204,14 @@ class KernelTimeline(_Model):
     exit_mmap_ns: Int64 | None = None
     reap_total_ns: Int64 | None = None  # reaper work + exit_mmap
     reap_throughput_mib_s: float | None = None
-    notes: list[str] = Field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
 
 
-class KilledBy(_Model):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KilledBy:
     """Who killed, in observe mode."""
+
+    __pydantic_config__ = _READER_CONFIG
 
     kind: str  # "kernel_oom", "process"
     pid: Int64 | None = None
@@ -190,8 +219,11 @@ class KilledBy(_Model):
     match: str | None = None  # how a process_mrelease call was matched to this victim
 
 
-class KillRecord(_Model):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KillRecord:
     """One kill attempt."""
+
+    __pydantic_config__ = _READER_CONFIG
 
     schema_version: Int64 = SCHEMA_VERSION
     record_id: str
@@ -213,11 +245,59 @@ class KillRecord(_Model):
     kill_to_mem_recovered_ns: Int64 | None = None
     exit_timeout_ns: Int64 | None = None
     error: str | None = None
-    notes: list[str] = Field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
     pressure: Pressure | None = None
     kernel: KernelTimeline | None = None
     killer: KilledBy | None = None
-    provenance: Provenance = Field(default_factory=Provenance)
+    provenance: Provenance = dataclasses.field(default_factory=Provenance)
+
+
+def _plain(value: Any) -> Any:
+    """A record as JSON-ready builtins, as pydantic would dump it (NaN and infinities become null)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, StrEnum):
+        return value.value
+    return value
+
+
+def record_dict(record: KillRecord) -> dict[str, Any]:
+    """The record as JSON-ready builtins (what ``record_json`` writes)."""
+    out: dict[str, Any] = _plain(record)
+    return out
+
+
+def record_json(record: KillRecord, *, indent: int | None = None) -> str:
+    """One record as JSON text, UTF-8 ready (no NaN, compact unless ``indent``). Strings from /proc are
+    decoded with errors="replace" before they reach a record, so every one encodes."""
+    separators = (",", ":") if indent is None else (",", ": ")
+    return json.dumps(record_dict(record), ensure_ascii=False, separators=separators, indent=indent)
+
+
+@cache
+def adapter() -> TypeAdapter[KillRecord]:
+    """The pydantic validator of KillRecord: the reader's and the JSON Schema's (built on first use,
+    ~30 ms and several MiB, so never in a daemon that only writes)."""
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(KillRecord)
+
+
+def validate_record(obj: object) -> KillRecord:
+    """A record from parsed JSON (lax: JSON numbers and strings to the fields' types).
+    Raises pydantic.ValidationError."""
+    return adapter().validate_python(obj)
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of one record line."""
+    return adapter().json_schema()
 
 
 def errno_name(err: int | None) -> str | None:
@@ -320,7 +400,7 @@ class RecordWriter:
 
     def write(self, record: KillRecord) -> bool:
         """Append one record. Returns True when it is on disk, False when it was dropped."""
-        line = (record.model_dump_json() + "\n").encode()
+        line = (record_json(record) + "\n").encode()
         try:
             self._append(line)
         except OSError as exc:
@@ -555,6 +635,9 @@ def parse_line(path: Path, lineno: int, raw: bytes | None, truncated: bool, prob
     if raw is None:
         problems.append(f"{where} line longer than {MAX_LINE_BYTES >> 20} MiB (not read)")
         return None
+    from pydantic import ValidationError
+    from pydantic_core import from_json
+
     try:
         # pydantic's parser, not json.loads: it has a nesting limit (json.loads raises RecursionError
         # at ~1000 levels) and no 4300-digit integer limit (a ValueError outside JSONDecodeError). It
@@ -579,7 +662,7 @@ def parse_line(path: Path, lineno: int, raw: bytes | None, truncated: bool, prob
         )
         return None
     try:
-        return KillRecord.model_validate(obj)
+        return validate_record(obj)
     except ValidationError as exc:
         first = exc.errors(include_url=False, include_input=False)[0]
         loc = printable(".".join(str(p) for p in first["loc"]), max_chars=120)

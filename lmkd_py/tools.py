@@ -1,4 +1,4 @@
-"""The one-shot commands: ``kill``, ``check-config``, ``config-schema``."""
+"""The one-shot commands: ``kill``, ``check-config``, ``config-schema``, ``record-schema``."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import json
 import sys
 
 from lmkd_py import log as logsetup
-from lmkd_py import provenance
+from lmkd_py import provenance, records
 from lmkd_py.config import ConfigError, json_schema, load_config
 from lmkd_py.killer import Killer, KillOptions
 from lmkd_py.procfs import ProcFs, ProcParseError
-from lmkd_py.records import KillRecord, RecordsPathError, open_writer
+from lmkd_py.records import KillRecord, RecordsPathError, open_writer, record_json
 from lmkd_py.syscalls import LinuxSyscalls, UnsupportedArchitecture
 from lmkd_py.text import printable
 
@@ -29,6 +29,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_config_schema(args: argparse.Namespace) -> int:
     print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def cmd_record_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(records.json_schema(), indent=2))
     return 0
 
 
@@ -115,14 +120,14 @@ def cmd_kill(args: argparse.Namespace) -> int:
             print(f"lmkd-py: no process {args.pid}: {exc}", file=sys.stderr)
             return 1
         if args.start_time_ticks is not None:
-            expected = expected.model_copy(update={"start_time_ticks": args.start_time_ticks})
+            expected = dataclasses.replace(expected, start_time_ticks=args.start_time_ticks)
         record = killer.kill(expected)
     finally:
         killer.close()
         if tracer is not None:
             tracer.close()
     stored = writer.write(record)
-    print(record.model_dump_json(indent=2) if args.json else summary(record))
+    print(record_json(record, indent=2) if args.json else summary(record))
     if not stored:
         print(f"lmkd-py: record NOT stored: {writer.stats.last_error}", file=sys.stderr)
     else:

@@ -5,7 +5,7 @@ over the console: every line it emits is ``@LMKDLAB@ <kind> <json>`` (one ``writ
 in ASCII), and everything else on the console is ignored by the host's parser. Kinds:
 
 - ``hello``: the guest kernel, cmdline, memory, CPUs, PSI, the tracer in use and the image manifest
-- ``record``: one KillRecord (``model_dump(mode="json")``), made by the same ``Killer`` the daemon uses
+- ``record``: one KillRecord (``records.record_dict``), made by the same ``Killer`` the daemon uses
 - ``peer``: one ``--peers`` episode (see ``peers``)
 - ``note``: something the host should show (a victim that failed to start, tracing unavailable...)
 - ``done``: counts, at the end
@@ -17,6 +17,7 @@ VictimSpec fields, used round-robin), ``tracing`` ("auto" | "on" | "off"), ``mre
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -72,6 +73,7 @@ def run_kills(job: dict[str, Any], emit: Emit) -> tuple[int, int]:
     from lmkd_py.killer import Killer, KillOptions
     from lmkd_py.procfs import ProcFs
     from lmkd_py.provenance import collect
+    from lmkd_py.records import record_dict
     from lmkd_py.stress import StressChildError, VictimSpec, spawn_victim
     from lmkd_py.syscalls import LinuxSyscalls
 
@@ -99,7 +101,7 @@ def run_kills(job: dict[str, Any], emit: Emit) -> tuple[int, int]:
                 victim.wait_ready(float(job.get("ready_timeout_s", 600)))
                 time.sleep(int(job.get("settle_ms", 200)) / 1000)
                 expected = killer.snapshot(victim.pid)
-                expected = expected.model_copy(update={"vma_count": proc.vma_count(victim.pid)})
+                expected = dataclasses.replace(expected, vma_count=proc.vma_count(victim.pid))
                 record = killer.kill(expected)
             except (StressChildError, TimeoutError, FileNotFoundError) as exc:
                 emit("note", {"what": "victim failed", "kill": i, "reason": f"{type(exc).__name__}: {exc}"})
@@ -109,8 +111,8 @@ def run_kills(job: dict[str, Any], emit: Emit) -> tuple[int, int]:
                 if victim.wait_exit(30.0) is None:
                     victim.kill()
             note = f"lab {job['label']}: kill {i + 1}/{job['kills']}, spec {spec.__dict__}, qemu-tcg guest"
-            record = record.model_copy(update={"notes": [*record.notes, note]})
-            emit("record", record.model_dump(mode="json"))
+            record = dataclasses.replace(record, notes=[*record.notes, note])
+            emit("record", record_dict(record))
             made += 1
     finally:
         killer.close()

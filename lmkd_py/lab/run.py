@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from lmkd_py.lab.guest import GuestImage, job_archive
 from lmkd_py.lab.kernels import Kernel
 from lmkd_py.lab.protocol import parse_marker
-from lmkd_py.records import KillRecord, RecordWriter
+from lmkd_py.records import RecordWriter, validate_record
 
 QEMU: Final = "qemu-system-aarch64"
 # pauth-impdef: QEMU's cheap pointer-authentication algorithm. The CPU model stays "max" (the guest
@@ -126,7 +126,7 @@ class _Collector:
         kind, obj = parsed
         if kind == "record":
             try:
-                record = KillRecord.model_validate(obj)
+                record = validate_record(obj)
             except ValidationError as exc:
                 run.problems.append(f"record that does not validate: {exc.errors()[0]}")
                 return

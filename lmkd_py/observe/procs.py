@@ -11,6 +11,7 @@ record uses the sizes of ``mark_victim`` instead (exact, at the kill).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -143,7 +144,7 @@ def read_victim_facts(
         tids = tids | entry.tids
     else:
         if not victim.cmdline:
-            victim = victim.model_copy(update={"cmdline": None})
+            victim = dataclasses.replace(victim, cmdline=None)
         note = "victim sizes: read after the SIGKILL (not in the warm table): may be partly freed already"
     return ProcessFacts(tid, tgid, st.comm, tids, victim, (note,))
 

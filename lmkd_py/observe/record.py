@@ -21,9 +21,11 @@ SIGKILL, or ``process`` with its pid and comm), and the derived metrics follow t
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 from lmkd_py.observe.track import SI_KERNEL, ObservedKill
 from lmkd_py.records import (
@@ -94,13 +96,13 @@ def _victim(k: ObservedKill, notes: list[str]) -> Victim:
     facts_notes = list(facts.notes) if facts is not None else [
         "victim: gone before /proc could be read and not in the warm table: no description"
     ]
-    v = v.model_copy(update={"pid": k.pid, "comm": v.comm or comm})
+    v = dataclasses.replace(v, pid=k.pid, comm=v.comm or comm)
     mv = k.mark_victim
     if mv is not None:
         # The OOM killer's own count at the kill (K(get_mm_counter()), KiB): exact, and free.
         anon, file, shmem = (mv.fields.get(f) for f in ("anon_rss", "file_rss", "shmem_rss"))
         if isinstance(anon, int) and isinstance(file, int) and isinstance(shmem, int):
-            update: dict[str, object] = {
+            update: dict[str, Any] = {
                 "rss_kib": anon + file + shmem, "rss_anon_kib": anon, "rss_file_kib": file, "rss_shmem_kib": shmem,
             }
             adj, uid = mv.fields.get("oom_score_adj"), mv.fields.get("uid")
@@ -108,7 +110,7 @@ def _victim(k: ObservedKill, notes: list[str]) -> Victim:
                 update["oom_score_adj"] = adj
             if isinstance(uid, int):
                 update["uid"] = uid
-            v = v.model_copy(update=update)
+            v = dataclasses.replace(v, **update)
             facts_notes = [n for n in facts_notes if not n.startswith("victim sizes:")]
             facts_notes.append("victim sizes: from the OOM killer's mark_victim event, at the kill")
     notes.extend(facts_notes)
@@ -231,7 +233,7 @@ def build_record(
     mrelease = _mrelease(k, mrelease_traced)
     kernel_notes: list[str] = list(extra_notes or [])
     kernel = _timeline(k, kernel_version, source, unavailable_reason, mrelease_traced, kernel_notes)
-    kernel = kernel.model_copy(update={"notes": [*kernel.notes, *kernel_notes]})
+    kernel = dataclasses.replace(kernel, notes=[*kernel.notes, *kernel_notes])
     if k.extra_signals:
         notes.append(f"SIGKILL sent {k.extra_signals + 1}x; the first one counts")
     if k.timed_out:

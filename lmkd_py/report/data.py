@@ -2,7 +2,7 @@
 
 Reading keeps the rules of ``records.iter_records`` (a truncated, damaged or overlong line, or a record of a
 newer schema version, is skipped and noted as ``file:line``) and the same validation: every line goes through
-``KillRecord.model_validate_json``, so the schema lives only in
+``records.adapter().validate_json`` (the KillRecord dataclasses), so the schema lives only in
 ``records.py``. What differs is what is kept: instead of a list of model objects (several KiB each, too
 heavy at a million records) each record leaves a few float64 and category values in compact arrays, and
 the model object is dropped at once. Validating in pydantic's Rust core costs about as much as ``json.loads``
@@ -32,6 +32,7 @@ from lmkd_py.records import (
     MreleaseStatus,
     Outcome,
     Problems,
+    adapter,
     errno_name,
     iter_lines,
     parse_line,
@@ -269,6 +270,9 @@ def _share(reaper: dict[str, int] | None, victim: dict[str, int] | None) -> floa
     return by_reaper / total if total > 0 else _NAN
 
 
+_VERSION_FIRST = b'{"schema_version":'
+
+
 def load_table(paths: Sequence[Path]) -> RecordTable:
     """Read the records of ``paths`` into a RecordTable, streaming (memory stays O(records x columns)).
 
@@ -278,7 +282,7 @@ def load_table(paths: Sequence[Path]) -> RecordTable:
     """
     problems = Problems()
     builder = _Builder()
-    validate = KillRecord.model_validate_json
+    validate = adapter().validate_json
     for path in paths:
         path = Path(path)
         with path.open("rb") as fh:
@@ -292,8 +296,10 @@ def load_table(paths: Sequence[Path]) -> RecordTable:
                     except ValidationError:
                         rec = None
                 # A record without schema_version validates with the default; iter_records skips it,
-                # and a newer one must be skipped: both go the slow way, which words it the same.
-                if rec is None or rec.schema_version > SCHEMA_VERSION or "schema_version" not in rec.model_fields_set:
+                # and a newer one must be skipped: both go the slow way, which words it the same. The
+                # writer puts schema_version first, so its lines never need the slow way for that.
+                slow = rec is None or rec.schema_version > SCHEMA_VERSION
+                if slow or raw is None or not raw.startswith(_VERSION_FIRST):
                     rec = parse_line(path, lineno, raw, not complete, problems)
                 if rec is not None:
                     builder.add(rec)

@@ -17,7 +17,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lmkd_py.records import KernelTimeline, KillRecord, Mrelease, MreleaseStatus, Outcome, Provenance, Steps, Victim
+from lmkd_py.records import (
+    KernelTimeline,
+    KillRecord,
+    Mrelease,
+    MreleaseStatus,
+    Outcome,
+    Provenance,
+    Steps,
+    Victim,
+    record_json,
+)
 
 # Distinct numbers that appear nowhere else in the template; each is swapped for a format field.
 _SLOTS = {
@@ -67,7 +77,7 @@ def _template(timeline: bool) -> str:
             kernel_release=_TEXT_SLOTS["kernel_release"], machine_model=_TEXT_SLOTS["machine_model"], arch="x86_64"
         ),
     )
-    text = rec.model_dump_json().replace("{", "{{").replace("}", "}}")
+    text = record_json(rec).replace("{", "{{").replace("}", "}}")
     for name, value in _SLOTS.items():
         text = text.replace(str(value), "{" + name + "}")
     text = text.replace(repr(_FLOAT_SLOT[1]), "{" + _FLOAT_SLOT[0] + "}")

@@ -8,6 +8,7 @@ Also the two other places text from processes reaches a terminal: the ``kill`` s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -34,6 +35,8 @@ from lmkd_py.records import (
     Provenance,
     iter_lines,
     parse_line,
+    record_json,
+    validate_record,
 )
 from lmkd_py.tools import summary
 from tests.unit.test_report import rec
@@ -42,7 +45,7 @@ HOSTILE_LABEL = "6.1\n# owned\x1b[2J\x1b]0;title\x07<script>alert(1)</script>|x|
 
 
 def good() -> str:
-    return rec().model_dump_json()
+    return record_json(rec())
 
 
 def good_obj() -> dict[str, Any]:
@@ -145,7 +148,7 @@ def test_infinity_and_nan_never_reach_json_output(tmp_path: Path) -> None:
     through = next(m for m in doc["groups"][0]["metrics"] if m["name"] == "reap_throughput")
     assert through["n"] == 0 and through["median"] is None  # infinity counted as unknown, not as a value
     # Finite values whose mean and difference overflow: the statistics themselves become infinite.
-    big = rec(kernel=KernelTimeline(reap_throughput_mib_s=1.7e308)).model_dump_json()
+    big = record_json(rec(kernel=KernelTimeline(reap_throughput_mib_s=1.7e308)))
     huge = write(tmp_path / "huge.jsonl", [big] * 3)
     with pytest.warns(RuntimeWarning):  # numpy says so; the output must still be JSON
         proc = lmkd("report", "--format", "json", str(huge))
@@ -206,7 +209,7 @@ def rss_of_report(*files: Path) -> tuple[int, dict[str, Any], str]:
 def test_lock_map_keys_do_not_multiply_memory(tmp_path: Path) -> None:
     """8k records of 16 MB, each lock map under fresh keys: 2.1 GB peak before (a full column per key),
     now bounded: the tracer's sides plus a few, the rest only in the totals, noted once per map."""
-    base = json.loads(rec(kernel=KernelTimeline(mmap_lock_wait_ns={"reaper": 1000, "victim": 2000})).model_dump_json())
+    base = json.loads(record_json(rec(kernel=KernelTimeline(mmap_lock_wait_ns={"reaper": 1000, "victim": 2000}))))
     path = tmp_path / "keys.jsonl"
     with path.open("w") as f:
         for i in range(8000):
@@ -272,7 +275,7 @@ def test_problems_are_counted_not_hoarded(tmp_path: Path) -> None:
 
 def test_newer_schema_in_one_file_does_not_cost_the_fleet(tmp_path: Path) -> None:
     a = write(tmp_path / "board-a.jsonl", [good(), json.dumps(good_obj() | {"schema_version": 2}), good()])
-    b = write(tmp_path / "board-b.jsonl", [rec(kernel_release="6.1.0").model_dump_json()] * 3)
+    b = write(tmp_path / "board-b.jsonl", [record_json(rec(kernel_release="6.1.0"))] * 3)
     proc = lmkd("report", "--format", "json", str(a), str(b))
     assert_clean(proc)
     doc = strict_json(proc.stdout)
@@ -429,7 +432,7 @@ def test_any_labels_render_safely(labels: list[str]) -> None:
 
 def test_kill_summary_escapes_the_process_name() -> None:
     r = rec(error="bad\x1b[2J", notes=["n\x1b]0;t\x07"])
-    r = r.model_copy(update={"victim": r.victim.model_copy(update={"comm": "\x1b[31mevil\nfake line"})})
+    r = dataclasses.replace(r, victim=dataclasses.replace(r.victim, comm="\x1b[31mevil\nfake line"))
     text = summary(r)
     assert "\x1b" not in text and "\x07" not in text
     assert text.splitlines()[0] == "pid 100 (\\x1b[31mevil\\nfake line): killed - bad\\x1b[2J"
@@ -479,4 +482,4 @@ def test_json_log_stays_exact(tmp_path: Path) -> None:
 def test_provenance_fields_unchanged_in_records() -> None:
     """Escaping is for display only: the record keeps the exact bytes a process chose (evidence)."""
     r = rec(provenance=Provenance(kernel_release=HOSTILE_LABEL))
-    assert KillRecord.model_validate_json(r.model_dump_json()).provenance.kernel_release == HOSTILE_LABEL
+    assert validate_record(json.loads(record_json(r))).provenance.kernel_release == HOSTILE_LABEL

@@ -3,6 +3,7 @@ Errno values the kernel will not give on demand are scripted (tests/fakes.py) on
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -63,7 +64,7 @@ def test_identity_mismatch_is_refused_and_nothing_signalled(children: Children) 
     killer = Killer(sys_)
     snap = killer.snapshot(child.pid)
     assert snap.start_time_ticks is not None
-    rec = killer.kill(snap.model_copy(update={"start_time_ticks": snap.start_time_ticks - 1}))
+    rec = killer.kill(dataclasses.replace(snap, start_time_ticks=snap.start_time_ticks - 1))
     killer.close()
     assert rec.outcome is Outcome.REFUSED_IDENTITY
     assert "expected" in (rec.error or "")

@@ -30,7 +30,7 @@ from structlog.testing import capture_logs
 
 from lmkd_py.config import Config
 from lmkd_py.observe import run_observe
-from lmkd_py.records import KillRecord, ListSink, MreleaseStatus, Outcome, read_records
+from lmkd_py.records import KillRecord, ListSink, MreleaseStatus, Outcome, read_records, record_json
 from lmkd_py.stress import PressureCgroup
 from lmkd_py.tracing import DEFAULT_ROOTS
 from tests.conftest import Children, check_no_instance_left, needs_root
@@ -494,7 +494,7 @@ def test_short_lived_processes_make_no_records(
     assert not got.problems
     # The machine may be shared (other test runs kill their own processes): judge only our processes.
     ours = [r for r in got.records if r.victim.pid in short_lived | {last.pid}]
-    assert [r.victim.pid for r in ours] == [last.pid], [r.model_dump_json() for r in ours]
+    assert [r.victim.pid for r in ours] == [last.pid], [record_json(r) for r in ours]
     assert ours[0].killer is not None and ours[0].killer.pid == os.getpid()
     assert not [p for p in (tracefs / "instances").iterdir() if p.name.startswith(f"lmkd-py-{obs.proc.pid}")]
 

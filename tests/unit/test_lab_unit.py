@@ -44,7 +44,7 @@ from lmkd_py.lab.peers import full_stall_us
 from lmkd_py.lab.protocol import MARKER, emit_line, parse_marker
 from lmkd_py.lab.run import GuestRun, _Collector, qemu_argv
 from lmkd_py.lab.summary import TCG_NOTE, peers_rows, peers_table
-from lmkd_py.records import KillRecord, Mrelease, MreleaseStatus, Outcome, Steps, Victim
+from lmkd_py.records import KillRecord, Mrelease, MreleaseStatus, Outcome, Steps, Victim, record_json
 
 # --- kernel SPECs -------------------------------------------------------------------------------
 
@@ -411,7 +411,7 @@ def test_collector_names_a_record_it_could_not_store(tmp_path: Path) -> None:
     os.chmod(out, 0o777)  # an output directory anyone may write: the records writer refuses it
     run = _run(out)
     c = _Collector(run)
-    c.feed(f"{MARKER} record {_record(1).model_dump_json()}\n".encode())
+    c.feed(f"{MARKER} record {record_json(_record(1))}\n".encode())
     c.close()
     assert run.records == 0 and not run.records_path.exists()
     assert len(run.problems) == 1 and run.problems[0].startswith("record not stored: ")
@@ -424,10 +424,10 @@ def test_collector_splits_lines_across_reads(tmp_path: Path) -> None:
     stream = (
         "[    0.000000] Booting Linux\r\n"
         f"{MARKER} hello {{\"kernel_release\": \"6.12.117+deb13-cloud-arm64\"}}\r\n"
-        f"{MARKER} record {_record(1).model_dump_json()}\r\n"
+        f"{MARKER} record {record_json(_record(1))}\r\n"
         f"{MARKER} record {{\"schema_version\": 1}}\r\n"
         f"{MARKER} record {{\"broken\r\n"
-        f"{MARKER} record {_record(2).model_dump_json()}\r\n"
+        f"{MARKER} record {record_json(_record(2))}\r\n"
         f"{MARKER} done {{\"records\": 2}}\r\n"
         f"{MARKER} exit {{\"status\": 0}}\r\n"
         "[   20.3] reboot: Power down"

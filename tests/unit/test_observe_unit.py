@@ -4,6 +4,7 @@ on a fake tree, and that ``report``/``compare`` read observed records unchanged.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 from collections.abc import Iterable
@@ -381,7 +382,7 @@ def test_report_and_compare_read_observed_records(tmp_path: Path) -> None:
         writer = RecordWriter(path, fsync=False)
         for k in done:
             rec = record(k)
-            assert writer.write(rec.model_copy(update={"provenance": Provenance(kernel_release=release)}))
+            assert writer.write(dataclasses.replace(rec, provenance=Provenance(kernel_release=release)))
         paths.append(path)
     back = read_records(paths)
     assert not back.problems and len(back.records) == 4 and all(r.observed for r in back.records)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import math
@@ -27,6 +28,7 @@ from lmkd_py.records import (  # noqa: E402
     Steps,
     Victim,
     read_records,
+    record_json,
 )
 from lmkd_py.report.data import load_table  # noqa: E402
 from lmkd_py.report.stats import BootstrapOptions, compare_tables, compare_values  # noqa: E402
@@ -53,7 +55,7 @@ def rec(**kw: Any) -> KillRecord:
 
 
 def write(path: Path, lines: list[str] | list[KillRecord], tail: str = "") -> Path:
-    text = "".join(x if isinstance(x, str) else x.model_dump_json() + "\n" for x in lines)
+    text = "".join(x if isinstance(x, str) else record_json(x) + "\n" for x in lines)
     path.write_text(text + tail)
     return path
 
@@ -124,23 +126,23 @@ sys.exit(report.cmd_report(argparse.Namespace(files=[{str(f)!r}], format='table'
 
 def test_reader_skips_and_words_problems_exactly_as_read_records(tmp_path: Path) -> None:
     good = [rec(wall_ns=i * 1_000_000, rss_kib=1024 * (i + 1)) for i in range(5)]
-    obj = json.loads(good[0].model_dump_json())
+    obj = json.loads(record_json(good[0]))
     no_version = {k: v for k, v in obj.items() if k != "schema_version"}
     bad_field = {**obj, "victim": {**obj["victim"], "pid": "not a pid"}}
     missing = {k: v for k, v in obj.items() if k != "steps"}
     lines = [
-        good[0].model_dump_json() + "\n",
+        record_json(good[0]) + "\n",
         "this is not json\n",
-        good[1].model_dump_json() + "\n",
+        record_json(good[1]) + "\n",
         "[1, 2]\n",
         json.dumps(no_version) + "\n",
         json.dumps(bad_field) + "\n",
         "\n",
         json.dumps(missing) + "\n",
         json.dumps({**obj, "schema_version": 0}) + "\n",  # an older version is read
-        good[2].model_dump_json() + "\n",
+        record_json(good[2]) + "\n",
     ]
-    path = write(tmp_path / "mixed.jsonl", lines, tail=good[3].model_dump_json()[:-40])
+    path = write(tmp_path / "mixed.jsonl", lines, tail=record_json(good[3])[:-40])
     expected = read_records([path])
     table = load_table([path])
     assert table.problems == expected.problems
@@ -153,7 +155,7 @@ def test_reader_skips_and_words_problems_exactly_as_read_records(tmp_path: Path)
 
 def test_newer_schema_version_is_skipped_naming_file_and_line(tmp_path: Path) -> None:
     """One board on a newer lmkd-py must not cost the report of the whole fleet (issue 18, item 7)."""
-    newer = json.loads(rec().model_dump_json()) | {"schema_version": 99}
+    newer = json.loads(record_json(rec())) | {"schema_version": 99}
     path = write(tmp_path / "new.jsonl", [rec(), json.dumps(newer) + "\n"])
     other = write(tmp_path / "other.jsonl", [rec(kernel_release="6.1.0"), rec(kernel_release="6.1.0")])
     table = load_table([path, other])
@@ -170,7 +172,7 @@ def test_newer_schema_version_is_skipped_naming_file_and_line(tmp_path: Path) ->
 
 
 def test_truncated_file_is_read_with_a_note(tmp_path: Path) -> None:
-    path = write(tmp_path / "cut.jsonl", [rec(), rec()], tail=rec().model_dump_json()[:100])
+    path = write(tmp_path / "cut.jsonl", [rec(), rec()], tail=record_json(rec())[:100])
     rc, out, err = run_report([path])
     assert rc == 0
     assert f"{path}:3: skipped: truncated last line" in err
@@ -259,7 +261,7 @@ def test_report_groups_metrics_histograms_and_bins(tmp_path: Path) -> None:
         freed_by_victim_kib={"anon": 100},
         mmap_lock_wait_ns={"reaper": 1_000_000},
     )
-    both = timeline.model_copy(update={"mmap_lock_wait_ns": {"reaper": 3_000_000, "victim": 2_000_000}})
+    both = dataclasses.replace(timeline, mmap_lock_wait_ns={"reaper": 3_000_000, "victim": 2_000_000})
     recs = [
         rec(kernel=timeline, rss_kib=10 * 1024),
         rec(kernel=both, rss_kib=100 * 1024),
