@@ -27,7 +27,7 @@ from _bench import broken, parse_args  # benchmarks/ is on sys.path when run as 
 
 from lmkd_py import log as logsetup
 from lmkd_py.candidates import CandidateTable
-from lmkd_py.config import Config, Level
+from lmkd_py.config import Level, parse_config
 from lmkd_py.daemon import Daemon
 from lmkd_py.killer import Killer
 from lmkd_py.policy import Rules
@@ -80,7 +80,7 @@ def run(count: int, events: int) -> None:
     try:
         proc = ProcFs()
         # min_interval_ms 0: every event is measured, none is skipped by the cool-down after a kill.
-        cfg = Config.model_validate({"dry_run": True, "kill": {"min_interval_ms": 0}})
+        cfg = parse_config({"dry_run": True, "kill": {"min_interval_ms": 0}})
         table = CandidateTable(proc, Rules.from_config(cfg.policy), clock=time.monotonic_ns)
         sink = ListSink()
         killer = Killer(LinuxSyscalls(), proc)

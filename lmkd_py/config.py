@@ -1,20 +1,32 @@
-"""Configuration: frozen pydantic models, TOML loading, defaults, JSON Schema export.
+"""Configuration: frozen dataclasses validated by pydantic, TOML loading, defaults, JSON Schema export.
 
 Every knob has a unit in its name and a description. Unknown keys are errors (a typo must not silently
 fall back to a default on a board). ``load_config`` raises ``ConfigError`` whose message names the key.
+
+The classes are stdlib dataclasses whose field metadata carries pydantic's constraints and descriptions
+(pydantic reads ``dataclasses.field(metadata=...)`` as ``Field`` arguments) and whose ``__post_init__``
+holds the cross-field rules. So one definition serves both sides: ``parse_config`` validates through a
+pydantic ``TypeAdapter`` built on first use, while the daemon, which only reads a config, never loads
+pydantic at all (issue 13: ~17 MiB resident): it takes the defaults as they are, and a file through
+``load_config_isolated``, which validates in a short-lived child process.
 """
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
+import io
+import json
 import os
-import tomllib
+import pickle
+import sys
+from functools import cache
 from pathlib import Path
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from typing import TYPE_CHECKING, Any, Literal
 
 from lmkd_py.patterns import PatternError, compile_pattern
+
+if TYPE_CHECKING:
+    from pydantic import TypeAdapter
 
 NEVER_KILL_ADJ = 1001  # a level whose min_oom_score_adj is above 1000 wakes the daemon but kills nothing
 
@@ -28,18 +40,33 @@ WATCHDOG_SEC = 30
 KILL_BUDGET_MS = WATCHDOG_SEC * 1000 // 2 - 3000
 
 
-class _Frozen(BaseModel):
-    # strict: a TOML boolean is true or false, never "off", "yes" or 0, and a number is not a string or
-    # a boolean (pydantic's lax mode takes all of those). Lists (-> tuples) and strings (-> Path) are
-    # what TOML has for those types, so those fields opt out with _LAX (their items stay strict).
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+# strict: a TOML boolean is true or false, never "off", "yes" or 0, and a number is not a string or a
+# boolean (pydantic's lax mode takes all of those). The document is validated as JSON (parse_config), where
+# strict mode still reads an array as a tuple and a string as a Path: what TOML has for those types.
+_STRICT = {"extra": "forbid", "strict": True}  # pydantic's ConfigDict for a stdlib dataclass
 
 
-_LAX = False  # Field(strict=_LAX): TOML array -> tuple, TOML string -> Path
+def Field(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, **meta: Any) -> Any:
+    """A dataclass field whose metadata pydantic reads as ``pydantic.Field`` arguments (ge, le, gt,
+    min_length, description), without importing pydantic here."""
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
 
 
-class Level(_Frozen):
+class _FieldError(ValueError):
+    """A rule of one field checked in ``__post_init__``: ``parse_config`` names the field in the key."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Level:
     """One pressure level: a PSI trigger and the lowest oom_score_adj it may kill."""
+
+    __pydantic_config__ = _STRICT
 
     name: str = Field(description="level name used in logs and records, e.g. 'medium', 'critical'")
     stall: Literal["some", "full"] = Field(description="PSI line: 'some' or 'full' memory stall")
@@ -64,11 +91,9 @@ class Level(_Frozen):
         "(default: threshold_us / window_us * 100)",
     )
 
-    @model_validator(mode="after")
-    def _threshold_within_window(self) -> Level:
+    def __post_init__(self) -> None:
         if self.threshold_us > self.window_us:
             raise ValueError(f"threshold_us {self.threshold_us} exceeds window_us {self.window_us}")
-        return self
 
 
 def _default_levels() -> tuple[Level, ...]:
@@ -84,7 +109,9 @@ def _default_levels() -> tuple[Level, ...]:
     )
 
 
-class PressureConfig(_Frozen):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PressureConfig:
+    __pydantic_config__ = _STRICT
     source: Literal["auto", "trigger", "poll"] = Field(
         default="auto",
         description="auto: PSI triggers, polling when no trigger can be armed; trigger: triggers or fail; "
@@ -92,12 +119,11 @@ class PressureConfig(_Frozen):
     )
     cgroup: Path | None = Field(
         default=None,
-        strict=_LAX,
         description="cgroup v2 directory whose memory.pressure is watched and whose subtree holds the only "
         "candidates (default: system-wide /proc/pressure/memory, all processes)",
     )
     poll_interval_ms: int = Field(default=1000, ge=10, le=60_000, description="polling fallback period (ms)")
-    levels: tuple[Level, ...] = Field(default_factory=_default_levels, min_length=1, strict=_LAX)
+    levels: tuple[Level, ...] = Field(default_factory=_default_levels, min_length=1)
     mem_floor_pct: float | None = Field(
         default=5.0,
         ge=0,
@@ -112,28 +138,24 @@ class PressureConfig(_Frozen):
         default=0, ge=-999, le=1000, description="lowest oom_score_adj the memory floor may kill"
     )
 
-    @field_validator("mem_floor_pct")
-    @classmethod
-    def _floor_off_at_zero(cls, pct: float | None) -> float | None:
+    def __post_init__(self) -> None:
+        pct = self.mem_floor_pct
         if pct == 0:
-            return None  # off; the daemon reads None as "no floor"
-        if pct is not None and pct < 0.1:
-            raise ValueError(f"{pct}: 0 (off) or 0.1-50")
-        return pct
-
-    @field_validator("levels")
-    @classmethod
-    def _unique_names(cls, levels: tuple[Level, ...]) -> tuple[Level, ...]:
-        names = [lv.name for lv in levels]
+            object.__setattr__(self, "mem_floor_pct", None)  # off; the daemon reads None as "no floor"
+        elif pct is not None and pct < 0.1:
+            raise _FieldError("mem_floor_pct", f"{pct}: 0 (off) or 0.1-50")
+        names = [lv.name for lv in self.levels]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
-            raise ValueError(f"duplicate level names: {sorted(dup)}")
-        return levels
+            raise _FieldError("levels", f"duplicate level names: {sorted(dup)}")
 
 
-class SignalsConfig(_Frozen):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SignalsConfig:
     """Decision signals besides PSI (issue 12): cgroup headroom and Android lmkd's system-wide reasons,
     checked on an adaptive period (signals.py)."""
+
+    __pydantic_config__ = _STRICT
 
     alloc_rate_mib_s: int = Field(
         default=1024, ge=16, le=65536,
@@ -222,18 +244,19 @@ class SignalsConfig(_Frozen):
         "thrashing is below critical (lmkd: PERCEPTIBLE_APP_ADJ + 1 = 201)",
     )
 
-    @model_validator(mode="after")
-    def _interval_order(self) -> SignalsConfig:
+    def __post_init__(self) -> None:
         if self.check_min_interval_ms > self.check_max_interval_ms:
             raise ValueError("check_min_interval_ms exceeds check_max_interval_ms")
-        return self
 
 
-class ExeIdentity(_Frozen):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExeIdentity:
     """An executable together with the uid running it: identity a process cannot forge. The path
     alone is not enough: an unprivileged user can bind-mount any file at /usr/sbin/sshd inside a user
     and mount namespace of their own, and /proc/PID/exe then reads "/usr/sbin/sshd" (d_path within that
     namespace); that process still runs under the user's own uid."""
+
+    __pydantic_config__ = _STRICT
 
     path: str = Field(
         description="absolute path of the executable as /proc/PID/exe shows it (symlinks resolved, e.g. "
@@ -242,62 +265,64 @@ class ExeIdentity(_Frozen):
     )
     uid: int = Field(ge=0, le=4_294_967_294, description="the uid that must own the process (owner of /proc/PID)")
 
-    @field_validator("path")
-    @classmethod
-    def _canonical_path(cls, path: str) -> str:
+    def __post_init__(self) -> None:
         # /proc/PID/exe holds a canonical path: an entry that is not canonical could never match, and a
         # glob character would be read as a literal. Refuse both rather than protect nothing silently.
+        path = self.path
         if not path.startswith("/"):
-            raise ValueError(f"{path!r}: not an absolute path")
+            raise _FieldError("path", f"{path!r}: not an absolute path")
         if "\0" in path:
-            raise ValueError(f"{path!r}: contains NUL")
+            raise _FieldError("path", f"{path!r}: contains NUL")
         if any(ch in path for ch in "*?["):
-            raise ValueError(f"{path!r}: globs are not supported; end a directory with '/' to cover what it holds")
+            raise _FieldError(
+                "path", f"{path!r}: globs are not supported; end a directory with '/' to cover what it holds"
+            )
         parts = path.rstrip("/").split("/")[1:]
         if path != "/" and any(p in ("", ".", "..") for p in parts):
-            raise ValueError(f"{path!r}: not canonical (empty, '.' or '..' component)")
-        return path
+            raise _FieldError("path", f"{path!r}: not canonical (empty, '.' or '..' component)")
 
 
-class PolicyConfig(_Frozen):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PolicyConfig:
+    __pydantic_config__ = _STRICT
     # comm and cmdline are chosen by each process itself (prctl(PR_SET_NAME), argv): those keys are
     # forgeable. They are matched with RE2 (lmkd_py/patterns.py), linear in the text.
     protect_comm: tuple[str, ...] = Field(
-        default=(), strict=_LAX,
+        default=(),
         description="RE2 regexes (full match) of comm never killed. FORGEABLE: any process can name itself "
         "so (prctl PR_SET_NAME); use protect_exe, protect_cgroup or protect_uid to protect",
     )
     protect_cmdline: tuple[str, ...] = Field(
-        default=(), strict=_LAX,
+        default=(),
         description="RE2 regexes (search) of the cmdline (argv joined by spaces, first 512 characters) never "
         "killed. FORGEABLE: any process chooses its own argv",
     )
     protect_cgroup: tuple[str, ...] = Field(
-        default=(), strict=_LAX,
+        default=(),
         description="cgroup v2 path prefixes never killed. Not forgeable by an unprivileged process, except "
         "inside a subtree delegated to its user (systemd delegates user@UID.service): protect system "
         "cgroups, not user ones",
     )
     protect_exe: tuple[ExeIdentity, ...] = Field(
-        default=(), strict=_LAX,
+        default=(),
         description="executables never killed, each with the uid that must run it: "
         "{path = '/usr/sbin/sshd', uid = 0}; a path ending in '/' covers a directory. Not forgeable: "
         "/proc/PID/exe is set by the kernel at exec (the uid guards against a path faked in a private "
         "mount namespace). Needs CAP_SYS_PTRACE to read other users' exe; unreadable means not protected",
     )
     protect_uid: tuple[int, ...] = Field(
-        default=(), strict=_LAX,
+        default=(),
         description="uids (owner of /proc/PID: the effective uid) whose processes are never killed. Not "
         "forgeable without privilege",
     )
     prefer_comm: tuple[str, ...] = Field(
-        default=(), strict=_LAX, description="RE2 regexes (full match) of comm killed first"
+        default=(), description="RE2 regexes (full match) of comm killed first"
     )
     prefer_cmdline: tuple[str, ...] = Field(
-        default=(), strict=_LAX, description="RE2 regexes (search) of cmdline killed first"
+        default=(), description="RE2 regexes (search) of cmdline killed first"
     )
     prefer_cgroup: tuple[str, ...] = Field(
-        default=(), strict=_LAX, description="cgroup v2 path prefixes killed first"
+        default=(), description="cgroup v2 path prefixes killed first"
     )
     prefer_adj_bonus: int = Field(
         default=300, ge=0, le=2000,
@@ -305,21 +330,20 @@ class PolicyConfig(_Frozen):
     )
     min_rss_kib: int = Field(default=1024, ge=0, description="processes smaller than this (RSS+swap, KiB) are skipped")
 
-    @field_validator("protect_comm", "protect_cmdline", "prefer_comm", "prefer_cmdline")
-    @classmethod
-    def _valid_regex(cls, patterns: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+    def __post_init__(self) -> None:
         # Compiled with the engine policy.py matches with (RE2), so that check-config refuses exactly
         # what the daemon could not run in linear time.
-        comm = str(info.field_name).endswith("_comm")
-        for i, p in enumerate(patterns):
-            try:
-                compile_pattern(p, "fullmatch" if comm else "search")
-            except PatternError as exc:
-                raise ValueError(f"pattern {i} {p!r}: {exc}") from None
-        return patterns
+        for key in ("protect_comm", "protect_cmdline", "prefer_comm", "prefer_cmdline"):
+            for i, p in enumerate(getattr(self, key)):
+                try:
+                    compile_pattern(p, "fullmatch" if key.endswith("_comm") else "search")
+                except PatternError as exc:
+                    raise _FieldError(key, f"pattern {i} {p!r}: {exc}") from None
 
 
-class KillConfig(_Frozen):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KillConfig:
+    __pydantic_config__ = _STRICT
     mrelease: bool = Field(default=True, description="call process_mrelease right after SIGKILL")
     exit_timeout_ms: int = Field(
         default=3000, ge=100, le=120_000,
@@ -351,8 +375,7 @@ class KillConfig(_Frozen):
         "only its killable members, one by one)",
     )
 
-    @model_validator(mode="after")
-    def _within_watchdog(self) -> KillConfig:
+    def __post_init__(self) -> None:
         worst_ms = self.max_attempts * self.exit_timeout_ms + self.mem_recovery_timeout_ms
         if worst_ms > KILL_BUDGET_MS:
             raise ValueError(
@@ -361,20 +384,22 @@ class KillConfig(_Frozen):
                 f"could hold the loop longer than {KILL_BUDGET_MS} ms, and systemd's watchdog "
                 f"(WatchdogSec={WATCHDOG_SEC}s) would kill the daemon mid-kill"
             )
-        return self
 
 
-class CandidatesConfig(_Frozen):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CandidatesConfig:
+    __pydantic_config__ = _STRICT
     refresh_interval_ms: int = Field(
         default=10_000, ge=100, le=600_000, description="warm candidate table refresh period (ms)"
     )
     recheck_top: int = Field(default=5, ge=1, le=100, description="candidates re-read at decision time")
 
 
-class RecordsConfig(_Frozen):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RecordsConfig:
+    __pydantic_config__ = _STRICT
     path: Path | None = Field(
         default=None,
-        strict=_LAX,
         description="JSONL records file (default: /var/lib/lmkd-py/records.jsonl as root, else "
         "$XDG_STATE_HOME/lmkd-py/records.jsonl)",
     )
@@ -383,7 +408,9 @@ class RecordsConfig(_Frozen):
     fsync: bool = Field(default=True, description="fsync after each record (kills are rare; data is precious)")
 
 
-class SelfProtectionConfig(_Frozen):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SelfProtectionConfig:
+    __pydantic_config__ = _STRICT
     mlockall: bool = Field(default=True, description="lock the daemon's memory (MCL_CURRENT|FUTURE|ONFAULT)")
     oom_score_adj: int | None = Field(
         default=-1000, ge=-1000, le=1000, description="own oom_score_adj at start (None: leave it)"
@@ -393,7 +420,9 @@ class SelfProtectionConfig(_Frozen):
     )
 
 
-class ObserveConfig(_Frozen):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ObserveConfig:
+    __pydantic_config__ = _STRICT
     min_rss_kib: int = Field(
         default=16 * 1024, ge=0, description="observe mode: processes at least this large (KiB) are kept in the "
         "warm table whose sizes go into a record when one of them is killed"
@@ -406,7 +435,9 @@ class ObserveConfig(_Frozen):
     )
 
 
-class Config(_Frozen):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    __pydantic_config__ = _STRICT
     mode: Literal["kill", "observe"] = Field(
         default="kill",
         description="kill: the low-memory killer; observe: never kill, record the kills others make",
@@ -426,8 +457,11 @@ class Config(_Frozen):
     observe: ObserveConfig = Field(default_factory=ObserveConfig)
 
     def digest(self) -> str:
-        """sha256 of the canonical JSON of this config (stamped on records)."""
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+        """sha256 of the canonical JSON of this config (stamped on records). The JSON is byte for byte
+        what pydantic's model_dump_json wrote when the config was a pydantic model, so records keep
+        their config hash across that change (tests/unit/test_config.py)."""
+        text = json.dumps(_plain(self), ensure_ascii=False, separators=(",", ":"))
+        return _sha256_hex(text.encode())[:16]
 
     def records_path(self) -> Path:
         if self.records.path is not None:
@@ -445,18 +479,61 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the file and the key."""
 
 
+def _sha256_hex(data: bytes) -> str:
+    # CPython's own SHA-256, not hashlib's: hashlib maps OpenSSL's libcrypto (~3.6 MiB resident here) into
+    # the daemon for one digest at start (issue 13).
+    try:
+        from _sha2 import sha256  # type: ignore[import-not-found]  # CPython 3.12+
+    except ImportError:
+        try:
+            from _sha256 import sha256  # type: ignore[import-not-found]  # CPython 3.11
+        except ImportError:
+            from hashlib import sha256
+    return str(sha256(data).hexdigest())
+
+
+def _plain(value: Any) -> Any:
+    """A config as JSON-ready builtins, fields in declaration order."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _not_json(value: object) -> str:
+    # TOML has dates and times; no key takes one. The marker fails validation naming the key.
+    return f"<TOML {type(value).__name__} {value}>"
+
+
+@cache
+def _adapter() -> TypeAdapter[Config]:
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(Config)
+
+
 def parse_config(data: dict[str, object], source: str = "<config>") -> Config:
     """Validate a decoded TOML document. Raises ConfigError naming every bad key."""
+    from pydantic import ValidationError
+
     try:
-        return Config.model_validate(data)
+        # As JSON, so that strict mode reads a TOML table as a dataclass and an array as a tuple.
+        return _adapter().validate_json(json.dumps(data, default=_not_json))
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            loc = [str(p) for p in err["loc"]]
             msg = err["msg"]
-            if err["type"] == "extra_forbidden":
+            cause = err.get("ctx", {}).get("error")
+            if isinstance(cause, _FieldError):
+                loc.append(cause.field)
+                msg = f"Value error, {cause}"
+            if err["type"] == "extra_forbidden" or err["type"] == "unexpected_keyword_argument":
                 msg = "unknown key (typo?)"
-            lines.append(f"{source}: {key}: {msg}")
+            lines.append(f"{source}: {'.'.join(loc) or '(top level)'}: {msg}")
         raise ConfigError("\n".join(lines)) from None
 
 
@@ -464,6 +541,7 @@ def load_config(path: Path | None) -> Config:
     """Load a TOML config file; None gives the defaults. Raises ConfigError."""
     if path is None:
         return Config()
+    import tomllib  # here, not at the top: the daemon reads its file through load_config_isolated
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
@@ -484,5 +562,61 @@ def load_config(path: Path | None) -> Config:
     return parse_config(data, str(path))
 
 
+# The child that validates for load_config_isolated: TOML file in, the Config pickled on stdout (rc 0) or
+# the ConfigError's message on stderr (rc 2).
+_CHILD = "from lmkd_py.config import _validate_child; _validate_child()"
+_CHILD_TIMEOUT_S = 60.0
+
+
+def _validate_child() -> None:
+    try:
+        cfg = load_config(Path(sys.argv[1]))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(2) from None
+    sys.stdout.buffer.write(pickle.dumps(cfg, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+class _ConfigUnpickler(pickle.Unpickler):
+    """Only this module's dataclasses and paths: what a Config is made of, and nothing that runs code."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == __name__ and isinstance(getattr(sys.modules[__name__], name, None), type):
+            cls = getattr(sys.modules[__name__], name)
+            if dataclasses.is_dataclass(cls):
+                return cls
+        if (module, name) == ("pathlib", "PosixPath"):
+            return Path
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a config")
+
+
+def load_config_isolated(path: Path | None) -> Config:
+    """``load_config`` for the daemon: the file is read and validated in a short-lived child process,
+    which hands back the validated Config, so that pydantic and its built validators (~17 MiB resident)
+    never load into the long-running process. None gives the defaults, which need no validation.
+    Raises ConfigError with the child's message (naming file and key), as ``load_config`` would."""
+    if path is None:
+        return Config()
+    import subprocess  # ~0.4 MiB the daemon needs only here
+
+    try:
+        out = subprocess.run([sys.executable, "-c", _CHILD, os.fspath(path)], capture_output=True,
+                             timeout=_CHILD_TIMEOUT_S, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ConfigError(f"{path}: the config validator did not run: {exc}") from None
+    if out.returncode != 0:
+        message = out.stderr.decode(errors="replace").strip()
+        if out.returncode == 2 and message:
+            raise ConfigError(message)
+        raise ConfigError(f"{path}: the config validator failed (exit {out.returncode}): {message[-500:]}")
+    try:
+        cfg = _ConfigUnpickler(io.BytesIO(out.stdout)).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{path}: the config validator's answer was not a config: {exc}") from None
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"{path}: the config validator's answer was not a config")
+    return cfg
+
+
 def json_schema() -> dict[str, object]:
-    return Config.model_json_schema()
+    return _adapter().json_schema()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import os
@@ -17,11 +18,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import structlog
 
 from lmkd_py import log as logsetup
-from lmkd_py.config import Config, ConfigError, load_config
+from lmkd_py.config import Config, ConfigError, load_config_isolated
 from lmkd_py.daemon import build
 from lmkd_py.procfs import CAP_KILL, self_has_capability
 from lmkd_py.records import open_writer
@@ -42,7 +44,7 @@ class AlreadyRunning(Exception):
 
 def apply_overrides(cfg: Config, args: argparse.Namespace) -> Config:
     """CLI flags over the config file (CLI wins)."""
-    update: dict[str, object] = {}
+    update: dict[str, Any] = {}
     if getattr(args, "dry_run", None):
         update["dry_run"] = True
     if getattr(args, "tracing", None):
@@ -50,10 +52,10 @@ def apply_overrides(cfg: Config, args: argparse.Namespace) -> Config:
     if getattr(args, "log_level", None):
         update["log_level"] = args.log_level
     if getattr(args, "records", None):
-        update["records"] = cfg.records.model_copy(update={"path": args.records})
+        update["records"] = dataclasses.replace(cfg.records, path=args.records)
     if getattr(args, "cgroup", None):
-        update["pressure"] = cfg.pressure.model_copy(update={"cgroup": args.cgroup})
-    return cfg.model_copy(update=update) if update else cfg
+        update["pressure"] = dataclasses.replace(cfg.pressure, cgroup=args.cgroup)
+    return dataclasses.replace(cfg, **update) if update else cfg
 
 
 def runtime_dir() -> Path | None:
@@ -98,7 +100,7 @@ def _startup_warnings(cfg: Config) -> None:
 
 def cmd_daemon(args: argparse.Namespace) -> int:
     try:
-        cfg = apply_overrides(load_config(args.config), args)
+        cfg = apply_overrides(load_config_isolated(args.config), args)
     except ConfigError as exc:
         print(f"lmkd-py: invalid config:\n{exc}", file=sys.stderr)
         return 2
@@ -141,7 +143,7 @@ def _serve(cfg: Config, args: argparse.Namespace) -> int:
         except TracingUnavailable as exc:
             raise OSError(f"tracing = \"on\" but the kernel timeline is unavailable: {exc.reason}") from None
         with daemon:
-            daemon.load_config = lambda: apply_overrides(load_config(args.config), args)
+            daemon.load_config = lambda: apply_overrides(load_config_isolated(args.config), args)
             daemon.on_reloaded = lambda new: logsetup.configure(args.log_format, new.log_level)
 
             def on_stop(signum: int, _frame: FrameType | None) -> None:

@@ -42,7 +42,7 @@ import structlog
 
 from lmkd_py import log as logsetup
 from lmkd_py import provenance
-from lmkd_py.config import Config, ConfigError, load_config
+from lmkd_py.config import Config, ConfigError, load_config_isolated
 from lmkd_py.observe.procs import MemSampler, WarmTable, read_pidfd_target, read_task_facts, read_victim_facts
 from lmkd_py.observe.record import build_record
 from lmkd_py.observe.trace import ExitListener, ObserveTrace
@@ -390,7 +390,7 @@ def cmd_observe(args: argparse.Namespace) -> int:
     """``lmkd-py observe``: run until SIGTERM/SIGINT or ``--duration``; records to ``--records`` or the
     config's records file."""
     try:
-        cfg = load_config(args.config)
+        cfg = load_config_isolated(args.config)
     except ConfigError as exc:
         print(f"lmkd-py: invalid config:\n{exc}", file=sys.stderr)
         return 2

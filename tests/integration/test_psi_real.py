@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 from pathlib import Path
@@ -41,7 +42,7 @@ def test_kernel_einval_is_adapted_even_when_the_cap_check_says_privileged() -> N
     if has_cap_sys_resource():
         pytest.skip("this process has CAP_SYS_RESOURCE: the kernel accepts a 1 s window")
     # privileged=True makes the first write use the 1 s window; the kernel answers EINVAL; we adapt.
-    lv = ONE_SECOND.model_copy(update={"window_us": 1_000_000})
+    lv = dataclasses.replace(ONE_SECOND, window_us=1_000_000)
     with structlog.testing.capture_logs() as logs:
         try:
             src = TriggerSource(SYSTEM, [lv], privileged=True)

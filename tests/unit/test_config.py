@@ -1,18 +1,27 @@
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmkd_py.config import Config, ConfigError, load_config, parse_config
+from lmkd_py.config import Config, ConfigError, load_config, load_config_isolated, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT = ROOT / "config" / "lmkd-py.toml"
+
+
+def field_types(model: type) -> dict[str, Any]:
+    """The config dataclass' fields and their resolved types, in declaration order."""
+    hints = typing.get_type_hints(model)
+    return {f.name: hints[f.name] for f in dataclasses.fields(model)}
 
 
 def test_shipped_file_is_the_defaults_and_documents_every_knob() -> None:
@@ -21,9 +30,8 @@ def test_shipped_file_is_the_defaults_and_documents_every_knob() -> None:
 
     def keys(model: type, prefix: str = "") -> list[str]:
         out = []
-        for name, f in model.model_fields.items():  # type: ignore[attr-defined]
-            ann = f.annotation
-            if isinstance(ann, type) and hasattr(ann, "model_fields"):
+        for name, ann in field_types(model).items():
+            if dataclasses.is_dataclass(ann):
                 out += keys(ann, f"{prefix}{name}.")
             else:
                 out.append(name)
@@ -125,11 +133,11 @@ def _nest(dotted: str, value: object) -> dict[str, object]:
 def test_every_bool_field_is_listed() -> None:
     def bools(model: type, prefix: str = "") -> list[str]:
         out = []
-        for name, f in model.model_fields.items():  # type: ignore[attr-defined]
-            if f.annotation is bool:
+        for name, ann in field_types(model).items():
+            if ann is bool:
                 out.append(prefix + name)
-            elif isinstance(f.annotation, type) and hasattr(f.annotation, "model_fields"):
-                out += bools(f.annotation, f"{prefix}{name}.")
+            elif dataclasses.is_dataclass(ann):
+                out += bools(ann, f"{prefix}{name}.")
         return out
 
     assert sorted(bools(Config)) == sorted(BOOL_KEYS)
@@ -233,3 +241,76 @@ def test_watchdog_constant_matches_the_unit_file() -> None:
     unit = (ROOT / "systemd" / "lmkd-py.service").read_text()
     (line,) = [ln for ln in unit.splitlines() if ln.startswith("WatchdogSec=")]
     assert line == f"WatchdogSec={WATCHDOG_SEC}s"
+
+
+# -- the daemon's loader: validated in a child, so pydantic never loads into the daemon (issue 13) --------
+
+ISOLATED_TOML = """
+dry_run = true
+[pressure]
+cgroup = "/sys/fs/cgroup/unified/x"
+mem_floor_pct = 0
+[policy]
+protect_exe = [{path = "/usr/sbin/sshd", uid = 0}]
+protect_cmdline = ["--keep$"]
+[kill]
+exit_timeout_ms = 2500
+"""
+
+
+def test_isolated_loader_gives_what_the_in_process_one_gives(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(ISOLATED_TOML)
+    got = load_config_isolated(f)
+    assert got == load_config(f)
+    assert got.pressure.cgroup == Path("/sys/fs/cgroup/unified/x") and got.pressure.mem_floor_pct is None
+    assert isinstance(got.policy.protect_exe, tuple) and got.digest() == load_config(f).digest()
+    assert load_config_isolated(None) == Config()
+
+
+@pytest.mark.parametrize(
+    "toml", ["[kill]\nexit_timeout_ms = 'x'", "dry_rum = true", "[[", "[policy]\nprotect_comm = ['(a']"]
+)
+def test_isolated_loader_names_the_same_culprit(tmp_path: Path, toml: str) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_text(toml)
+    with pytest.raises(ConfigError) as direct:
+        load_config(f)
+    with pytest.raises(ConfigError) as isolated:
+        load_config_isolated(f)
+    assert str(isolated.value) == str(direct.value)
+
+
+def test_isolated_loader_keeps_pydantic_out_of_the_caller(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(ISOLATED_TOML)
+    code = (f"from pathlib import Path\nimport sys\nfrom lmkd_py.config import load_config_isolated\n"
+            f"cfg = load_config_isolated(Path({str(f)!r}))\nassert cfg.kill.exit_timeout_ms == 2500\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('pydantic', 're2', 'tomllib', 'hashlib'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    # re2: the config has a pattern, which the daemon compiles itself (Rules) when it builds its parts.
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_validators_answer_can_hold_only_config_classes() -> None:
+    import io
+    import os
+    import pickle
+
+    from lmkd_py.config import _ConfigUnpickler
+
+    with pytest.raises(pickle.UnpicklingError, match=r"posix\.system is not part of a config"):
+        _ConfigUnpickler(io.BytesIO(pickle.dumps(os.system))).load()
+    assert _ConfigUnpickler(io.BytesIO(pickle.dumps(Config()))).load() == Config()
+
+
+def test_config_hash_is_unchanged_from_when_the_config_was_a_pydantic_model() -> None:
+    # Field records carry config_hash; the same config must keep its hash across the move to dataclasses
+    # (values printed by the pydantic version, commit 1200534, for the defaults and this config).
+    assert Config().digest() == "6612507623d6b5c5"
+    cfg = parse_config({"pressure": {"cgroup": "/sys/fs/cgroup/x", "mem_floor_pct": 2.5},
+                        "policy": {"protect_exe": [{"path": "/usr/sbin/sshd", "uid": 0}],
+                                   "protect_comm": ["sshd", "é"]},
+                        "kill": {"mem_recovery_fraction": 0.75}})
+    assert cfg.digest() == "1701e7cf22764222"

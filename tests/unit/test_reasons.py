@@ -82,7 +82,7 @@ def sample(*, free_pages: int = 10_000, refault: int = 0, direct: int = 0, kswap
 
 
 def state(**cfg: object) -> LmkdState:
-    c = SignalsConfig.model_validate(cfg)
+    c = SignalsConfig(**cfg)  # type: ignore[arg-type]
     return LmkdState(c, Thrashing(c.thrashing_limit_pct, c.thrashing_limit_decay_pct))
 
 
