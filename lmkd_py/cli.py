@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from lmkd_py import __version__
+from lmkd_py.lean import defer_asyncio
 
 COMMANDS = ("kill", "check-config", "config-schema", "record-schema", "report", "compare", "stress", "observe", "lab")
 
@@ -145,6 +146,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         handlers.update({"report": cmd_report, "compare": cmd_compare})
     elif args.command == "observe":
+        defer_asyncio()
         from lmkd_py.observe import cmd_observe
 
         handlers["observe"] = cmd_observe
@@ -165,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_command_parser().parse_args(argv)
         return _dispatch(args)
     args = build_parser().parse_args(argv)
+    defer_asyncio()  # before structlog is first imported (lean.py)
     from lmkd_py.service import cmd_daemon
 
     return cmd_daemon(args)
