@@ -6,7 +6,9 @@ on 24 characters here and doubles with each one more, so one hostile argv stalls
 refresh (issue 18). RE2 (``google-re2``, the RE2 authors' own bindings) compiles to automata and runs in
 time linear in the text for every pattern it accepts; what it cannot run that way (backreferences,
 lookaround, atomic groups, possessive quantifiers) it refuses to compile, and that refusal is the
-config error. This module is the one place that imports ``re2`` (design.md: one room per dependency).
+config error. This module is the one place that imports ``re2`` (design.md: one room per dependency), and
+only when a pattern is compiled: a config without patterns (the default) never maps the library (~2.9 MiB
+resident, issue 13).
 
 Pure: compiling and matching do no I/O. RE2 syntax: https://github.com/google/re2/wiki/Syntax. Where it
 differs from Python's for the patterns people write here: ``\\d``/``\\w``/``\\b`` are ASCII-only, ``$``
@@ -16,9 +18,8 @@ matches only at the very end of the text (Python's also before a final newline),
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any, Literal
-
-import re2
 
 ENGINE = "re2"
 # Per-pattern memory for RE2's compiled program and its lazily built DFA. The DFA grows with the
@@ -77,8 +78,15 @@ def _utf8(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
+@cache
+def _re2() -> Any:
+    import re2
+
+    return re2
+
+
 def _options() -> Any:
-    opts = re2.Options()
+    opts = _re2().Options()
     opts.max_mem = MAX_MEM_BYTES
     # RE2 otherwise prints every parse error to stderr through absl logging; ours go into the config error.
     opts.log_errors = False
@@ -88,6 +96,7 @@ def _options() -> Any:
 def compile_pattern(source: str, mode: Literal["fullmatch", "search"]) -> Pattern:
     """Compile ``source`` with RE2. Raises PatternError saying why RE2 refuses it (a Python-only
     construct such as a backreference or lookaround, bad syntax, or a program over MAX_MEM_BYTES)."""
+    re2 = _re2()
     try:
         regexp = re2.compile(source, _options())
     except UnicodeEncodeError:

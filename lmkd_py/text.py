@@ -8,6 +8,8 @@ is. ``printable`` spells those characters out instead of emitting them.
 
 from __future__ import annotations
 
+from functools import cache
+
 # C0 and C1 controls and DEL; zero-width and bidirectional formatting characters; line/paragraph
 # separators; lone surrogates (from ``surrogateescape`` decoding, unprintable in UTF-8); the BOM.
 _UNSAFE_RANGES = ((0x00, 0x1F), (0x7F, 0x9F), (0x200B, 0x200F), (0x2028, 0x202E), (0x2066, 0x2069),
@@ -22,9 +24,12 @@ def _escape(code: int) -> str:
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
-# str.translate tables (one pass, linear; no regex engine meets text a process chose).
-_TABLE: dict[int, str] = {c: _escape(c) for lo, hi in _UNSAFE_RANGES for c in range(lo, hi + 1)}
-_TABLE_KEEP_LINES = {c: e for c, e in _TABLE.items() if chr(c) not in "\n\t"}
+# str.translate tables (one pass, linear; no regex engine meets text a process chose). Built on first use:
+# ~0.4 MiB that a daemon logging JSON (which escapes by itself) never needs.
+@cache
+def _tables() -> tuple[dict[int, str], dict[int, str]]:
+    table = {c: _escape(c) for lo, hi in _UNSAFE_RANGES for c in range(lo, hi + 1)}
+    return table, {c: e for c, e in table.items() if chr(c) not in "\n\t"}
 
 
 def printable(text: str, *, keep_newlines: bool = False, max_chars: int | None = None) -> str:
@@ -34,7 +39,8 @@ def printable(text: str, *, keep_newlines: bool = False, max_chars: int | None =
     ``keep_newlines``: keep ``\\n`` and ``\\t`` (a traceback stays readable). ``max_chars``: cut longer
     text and say by how much, so one label cannot flood a table.
     """
-    out = text.translate(_TABLE_KEEP_LINES if keep_newlines else _TABLE)
+    table, keep_lines = _tables()
+    out = text.translate(keep_lines if keep_newlines else table)
     if max_chars is not None and len(out) > max_chars:
         out = f"{out[:max_chars]}…(+{len(out) - max_chars} chars)"
     return out

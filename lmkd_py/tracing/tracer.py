@@ -37,7 +37,6 @@ pyroute2 is not used: see connector.py for why, with the measured import cost.
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -99,6 +98,8 @@ def find_tracefs(root: Path | None, log: Any) -> Path:
         if (candidate / "instances").is_dir():
             return candidate
     target = DEFAULT_ROOTS[0]
+    import subprocess  # only to mount tracefs: ~0.4 MiB a daemon that finds it mounted never loads
+
     try:
         proc = subprocess.run(
             ["mount", "-t", "tracefs", "nodev", str(target)], capture_output=True, text=True, timeout=10
