@@ -7,8 +7,10 @@ root lacks CAP_SYS_RESOURCE, so a negative oom_score_adj is refused (EACCES) and
 
 from __future__ import annotations
 
+import gc
 import os
 import resource
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,9 +18,14 @@ import structlog
 
 from lmkd_py.config import SelfProtectionConfig
 from lmkd_py.procfs import CAP_IPC_LOCK, self_has_capability
-from lmkd_py.syscalls import MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT, Syscalls
+from lmkd_py.syscalls import MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT, Syscalls, prepare_heap_for_locking
 
 log = structlog.get_logger("lmkd_py.protect")
+
+# Stack reserved for each thread the daemon starts later (the reaper, tracefs' janitor): they run short
+# Python functions (a few syscalls, no deep recursion). glibc's default of 8 MiB (RLIMIT_STACK) is
+# reserved whole and, under MCL_FUTURE, counted as locked.
+THREAD_STACK_BYTES = 512 * 1024
 
 
 @dataclass(frozen=True)
@@ -37,11 +44,17 @@ def lock_memory(syscalls: Syscalls) -> StepResult:
     soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     if not self_has_capability(CAP_IPC_LOCK) and soft != resource.RLIM_INFINITY:
         return StepResult("mlockall", False, f"skipped: no CAP_IPC_LOCK and RLIMIT_MEMLOCK is {soft} bytes")
+    # Lock only what the daemon keeps: start-up's garbage collected and its free heap pages returned
+    # first, later threads' stacks and malloc arenas small (issue 13).
+    gc.collect()
+    threading.stack_size(THREAD_STACK_BYTES)
+    one_arena = prepare_heap_for_locking()
     try:
         syscalls.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT)
     except OSError as exc:
         return StepResult("mlockall", False, f"failed: {exc.strerror}")
-    return StepResult("mlockall", True, "locked (current, future, on fault)")
+    arenas = "" if one_arena else "; malloc arenas not limited (not glibc)"
+    return StepResult("mlockall", True, f"locked (current, future, on fault){arenas}")
 
 
 def set_oom_score_adj(value: int, proc_self: Path = Path("/proc/self")) -> StepResult:

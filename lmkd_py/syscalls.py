@@ -103,3 +103,25 @@ class LinuxSyscalls:
 
 
 SIGKILL = int(signal.SIGKILL)
+
+
+# glibc's mallopt(3) parameter: at most this many malloc arenas. Each thread that allocates otherwise gets
+# an arena of its own, reserved 64 MiB at a time (HEAP_MAX_SIZE on 64-bit), which mlockall(MCL_FUTURE)
+# flags as locked (VmLck) although nothing there is touched (issue 13: VmLck 187 MiB).
+M_ARENA_MAX = -8
+
+
+def prepare_heap_for_locking() -> bool:
+    """Before mlockall: one malloc arena for every thread, and the heap's free pages handed back
+    (``malloc_trim``), so that what start-up allocated and freed is not locked. glibc only: False where
+    the C library lacks either call (musl), which costs only memory."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    malloc_trim.argtypes, malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    ok = bool(mallopt(M_ARENA_MAX, 1) == 1)
+    malloc_trim(0)
+    return ok
