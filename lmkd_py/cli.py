@@ -12,7 +12,7 @@ from pathlib import Path
 
 from lmkd_py import __version__
 
-COMMANDS = ("kill", "check-config", "config-schema", "report", "compare", "stress", "observe", "lab")
+COMMANDS = ("kill", "check-config", "config-schema", "report", "compare", "stress", "observe", "lab", "status")
 
 
 def _add_daemon_args(p: argparse.ArgumentParser) -> None:
@@ -96,6 +96,14 @@ def _add_observe(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
 
 
+def _add_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("status", help="what the running daemon sees now (mode, sources, signals, candidates, kills)")
+    p.add_argument("--json", action="store_true", help="print the status file's JSON")
+    p.add_argument("--runtime-dir", type=Path, default=None,
+                   help="the daemon's runtime directory (default: $LMKD_PY_RUNTIME_DIR, /run/lmkd-py, "
+                        "$XDG_RUNTIME_DIR/lmkd-py)")
+
+
 def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from lmkd_py.lab import add_lab_arguments  # the face is light: argparse, os and pathlib only
 
@@ -124,6 +132,7 @@ def build_command_parser() -> argparse.ArgumentParser:
     _add_stress(sub)
     _add_observe(sub)
     _add_lab(sub)
+    _add_status(sub)
     return parser
 
 
@@ -149,6 +158,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from lmkd_py.lab import cmd_lab
 
         handlers["lab"] = cmd_lab
+    elif args.command == "status":
+        from lmkd_py.status import cmd_status
+
+        handlers["status"] = cmd_status
     elif args.command == "stress":
         from lmkd_py.stress import cmd_stress
 
