@@ -272,6 +272,7 @@ def run_observe(
     notifier: Notifier | None = None,
     status: StatusFile | None = None,
     tracefs_retry_ns: int | None = None,
+    take_hup: Callable[[], bool] | None = None,
 ) -> int:
     """Observe until ``stop()`` is true or ``duration_ns`` passed; pending kills are then written as
     they stand. Returns 0, or 1 when observing cannot start here (not root, no usable tracefs, ``cgroup``
@@ -283,6 +284,7 @@ def run_observe(
     little, see ``trace.MRELEASE_EVENTS``): process_mrelease calls are then not recorded.
     ``status``: the status file to keep (``lmkd-py status``). ``tracefs_retry_ns``: as a service, wait
     for a usable tracefs, trying again this often, instead of returning 1 (see ``health``).
+    ``take_hup``: whether a SIGHUP came since the last call (answered as a reload, see ``keep``).
     """
     log = structlog.get_logger("lmkd_py.observe")
     if os.geteuid() != 0:
@@ -335,6 +337,12 @@ def run_observe(
             notifier.ready("observing SIGKILLs")
         deadline = begun + duration_ns if duration_ns is not None else None
         def keep(seen: int) -> int:
+            if take_hup is not None and take_hup() and notifier is not None:
+                # systemctl reload: say it is done, so systemd never waits in "reloading"; observe reads
+                # its config at start only (log line: the operator learns a restart is needed).
+                notifier.reloading()
+                log.info("observe.reload", effect="a changed config takes effect on restart in observe mode")
+                notifier.ready("observing SIGKILLs")
             return keep_status(status, obs, scope, seen)
 
         if not _observe_until(obs, poller, stop, deadline, wake_fd, notifier, log, keep):
@@ -379,7 +387,7 @@ def _observe_until(
 ) -> bool:
     """The loop: wait, step, ping the watchdog, keep the status file (``keep``). False when reading the
     trace failed too often."""
-    last_ping = obs.clock()
+    last_ping: int | None = None  # the first completed step pings: systemd counts from READY=1
     failures = 0
     seen = keep(-1)
     while not stop():
@@ -402,7 +410,7 @@ def _observe_until(
             failures = 0
             # Pinged only after a step completes: a stuck loop stops the pings (as the kill loop).
             wd = notifier.watchdog_interval_ns if notifier is not None else None
-            if notifier is not None and wd and obs.clock() - last_ping >= wd:
+            if notifier is not None and wd and (last_ping is None or obs.clock() - last_ping >= wd):
                 notifier.watchdog()
                 last_ping = obs.clock()
             seen = keep(seen)
@@ -451,6 +459,12 @@ def serve(
         print(f"lmkd-py: {exc}", file=sys.stderr)
         return 2
     stopping: list[int] = []
+    hups: list[int] = []
+
+    def take_hup() -> bool:
+        got = bool(hups)
+        hups.clear()
+        return got
 
     def on_stop(signum: int, _frame: FrameType | None) -> None:
         stopping.append(signum)
@@ -458,6 +472,8 @@ def serve(
     rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     old_wakeup = signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
     old = {s: signal.signal(s, on_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    # SIGHUP (systemctl reload) would otherwise end the process, and Restart=always restart it.
+    old[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda signum, _frame: hups.append(signum))
     try:
         duration = int(duration_s * 1e9) if duration_s is not None else None
         status = claim_status(status_dir, structlog.get_logger("lmkd_py.observe"))
@@ -467,7 +483,7 @@ def serve(
                 warm_min_rss_kib=cfg.observe.min_rss_kib,
                 warm_refresh_ns=cfg.observe.refresh_interval_ms * 1_000_000,
                 trace_mrelease=cfg.observe.trace_mrelease, notifier=SdNotifier.from_env(), status=status,
-                tracefs_retry_ns=TRACEFS_RETRY_NS if wait_for_tracefs else None,
+                tracefs_retry_ns=TRACEFS_RETRY_NS if wait_for_tracefs else None, take_hup=take_hup,
             )
         finally:
             if status is not None:
