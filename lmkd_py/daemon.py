@@ -183,7 +183,7 @@ class Daemon:
         self.cfg = new
         self.table.rules = rules
         self.killer.options = KillOptions.from_config(new.kill)
-        self.killer.provenance = self.killer.provenance.model_copy(update={"config_hash": new.digest()})
+        self.killer.provenance = self.builder.provenance(new)  # new config hash, confounders read again
         if source is not None:
             self.source.close()
             self.source = source
