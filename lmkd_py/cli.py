@@ -12,6 +12,10 @@ from pathlib import Path
 
 from lmkd_py import __version__
 
+# The settings records carry besides the kernel (records.Confounders); named here so that parsing the
+# command line imports neither pydantic nor numpy.
+CONFOUNDER_NAMES = ("thp_enabled", "thp_defrag", "lru_gen", "swappiness", "min_free_kbytes", "watermark_scale_factor",
+                    "swap", "zram", "page_size", "cpu_model", "cpu_count", "cpufreq_governor", "kernel_cmdline")
 COMMANDS = ("kill", "check-config", "config-schema", "report", "compare", "stress", "observe", "lab", "status")
 
 
@@ -54,6 +58,8 @@ def _add_report(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("files", type=Path, nargs="+")
     p.add_argument("--format", choices=["table", "markdown", "json"], default="table")
     p.add_argument("--plots", type=Path, help="write PNG plots into this directory")
+    p.add_argument("--group-by", choices=CONFOUNDER_NAMES, metavar="SETTING",
+                   help="also group by one recorded setting: " + ", ".join(CONFOUNDER_NAMES))
     p = sub.add_parser("compare", help="compare two record sets (e.g. patched vs unpatched kernel)")
     p.add_argument("files", type=Path, nargs="*", help="record files to split with --by")
     p.add_argument("--a", type=Path, nargs="+", help="side A record files")

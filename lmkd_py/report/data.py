@@ -28,6 +28,7 @@ from pydantic import ValidationError
 
 from lmkd_py.records import (
     SCHEMA_VERSION,
+    Confounders,
     KillRecord,
     MreleaseStatus,
     Outcome,
@@ -75,7 +76,12 @@ KNOWN_SIDES = {
 }
 MAX_EXTRA_SIDES = 8
 _SIDE_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
-CATEGORIES = ("kernel_release", "machine_model", "outcome", "mrelease_status", "errno")
+# The settings besides the kernel that sway reap latency (records.Confounders), one category each:
+# compare warns when its sides differ in one, report --group-by splits by one.
+CONFOUNDERS: tuple[str, ...] = tuple(Confounders.model_fields)
+CATEGORIES = ("kernel_release", "machine_model", "outcome", "mrelease_status", "errno", *CONFOUNDERS)
+# A confounder's value is kept to this many characters as a label (a hostile file could hold megabytes).
+MAX_CONFOUNDER_CHARS = 512
 
 
 @dataclass
@@ -231,6 +237,11 @@ class _Builder:
         self._code("outcome", rec.outcome.value)
         self._code("mrelease_status", mr.status.value)
         self._code("errno", mr.errno_name or errno_name(mr.errno))
+        cf = prov.confounders
+        for name in CONFOUNDERS:
+            setting = getattr(cf, name) if cf is not None else None
+            value = setting.value if setting is not None else None
+            self._code(name, value[:MAX_CONFOUNDER_CHARS] if value is not None else None)
         self.dry.append(1 if rec.dry_run or rec.outcome is Outcome.DRY_RUN else 0)
         self.rows += 1
 
