@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lmkd_py import provenance
 from lmkd_py.config import Config
@@ -19,6 +20,9 @@ from lmkd_py.psi import PressureSource, open_source, pressure_file
 from lmkd_py.reasons import LmkdCheck
 from lmkd_py.signals import AdaptiveSource, Check, Clock, FloorCheck, signal_level
 from lmkd_py.syscalls import LinuxSyscalls
+
+if TYPE_CHECKING:
+    from lmkd_py.records import Provenance
 
 
 class Builder:
@@ -54,9 +58,14 @@ class Builder:
                           wake_fd=self.wake_fd)
         return wrap_sources(src, cfg, self.proc, scope_dir=p.cgroup)
 
+    def provenance(self, cfg: Config) -> Provenance:
+        """Where the records are made, confounders included: at start and on reload (a sysctl may have
+        changed since), never on the kill path."""
+        return provenance.collect(cfg.digest())
+
     def killer(self, cfg: Config) -> Killer:
         killer = Killer(LinuxSyscalls(), self.proc, options=KillOptions.from_config(cfg.kill),
-                        provenance=provenance.collect(cfg.digest()))
+                        provenance=self.provenance(cfg))
         if cfg.tracing != "off" and not cfg.dry_run:
             from lmkd_py.tracing import open_tracer  # tracefs code only when tracing is asked for
 

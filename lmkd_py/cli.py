@@ -13,7 +13,12 @@ from pathlib import Path
 from lmkd_py import __version__
 from lmkd_py.lean import defer_asyncio
 
-COMMANDS = ("kill", "check-config", "config-schema", "record-schema", "report", "compare", "stress", "observe", "lab")
+# The settings records carry besides the kernel (records.Confounders); named here so that parsing the
+# command line imports neither pydantic nor numpy.
+CONFOUNDER_NAMES = ("thp_enabled", "thp_defrag", "lru_gen", "swappiness", "min_free_kbytes", "watermark_scale_factor",
+                    "swap", "zram", "page_size", "cpu_model", "cpu_count", "cpufreq_governor", "kernel_cmdline")
+COMMANDS = ("kill", "check-config", "config-schema", "record-schema", "report", "compare", "stress", "observe", "lab",
+            "status")
 
 
 def _add_daemon_args(p: argparse.ArgumentParser) -> None:
@@ -56,6 +61,8 @@ def _add_report(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("files", type=Path, nargs="+")
     p.add_argument("--format", choices=["table", "markdown", "json"], default="table")
     p.add_argument("--plots", type=Path, help="write PNG plots into this directory")
+    p.add_argument("--group-by", choices=CONFOUNDER_NAMES, metavar="SETTING",
+                   help="also group by one recorded setting: " + ", ".join(CONFOUNDER_NAMES))
     p = sub.add_parser("compare", help="compare two record sets (e.g. patched vs unpatched kernel)")
     p.add_argument("files", type=Path, nargs="*", help="record files to split with --by")
     p.add_argument("--a", type=Path, nargs="+", help="side A record files")
@@ -98,6 +105,14 @@ def _add_observe(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
 
 
+def _add_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("status", help="what the running daemon sees now (mode, sources, signals, candidates, kills)")
+    p.add_argument("--json", action="store_true", help="print the status file's JSON")
+    p.add_argument("--runtime-dir", type=Path, default=None,
+                   help="the daemon's runtime directory (default: $LMKD_PY_RUNTIME_DIR, /run/lmkd-py, "
+                        "$XDG_RUNTIME_DIR/lmkd-py)")
+
+
 def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from lmkd_py.lab import add_lab_arguments  # the face is light: argparse, os and pathlib only
 
@@ -126,6 +141,7 @@ def build_command_parser() -> argparse.ArgumentParser:
     _add_stress(sub)
     _add_observe(sub)
     _add_lab(sub)
+    _add_status(sub)
     return parser
 
 
@@ -154,6 +170,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from lmkd_py.lab import cmd_lab
 
         handlers["lab"] = cmd_lab
+    elif args.command == "status":
+        from lmkd_py.status import cmd_status
+
+        handlers["status"] = cmd_status
     elif args.command == "stress":
         from lmkd_py.stress import cmd_stress
 

@@ -17,13 +17,13 @@ can reap a frozen task), the next candidate is killed at once with the reason ``
 
 from __future__ import annotations
 
-import dataclasses
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -36,6 +36,7 @@ from lmkd_py.procfs import ProcFs, ProcParseError, Psi, cgroup_v2_path, subtree_
 from lmkd_py.psi import PressureEvent, PressureSource, TriggerUnavailable
 from lmkd_py.records import KillRecord, Outcome, Pressure, Victim, open_writer
 from lmkd_py.sdnotify import Notifier
+from lmkd_py.status import StatusFile
 
 log = structlog.get_logger("lmkd_py.daemon")
 Clock = Callable[[], int]
@@ -45,6 +46,9 @@ RESTART_KEYS = ("pressure.cgroup", "tracing")
 # A PSI event this soon after the last kill ended is pressure the kill did not relieve (lmkd's
 # "pressure_after_kill"): one window of the default triggers.
 PRESSURE_AFTER_KILL_NS = 2_000_000_000
+# What the status file shows (lmkd-py status): the head of the ranking and the latest kills.
+STATUS_CANDIDATES = 5
+STATUS_KILLS = 5
 
 
 class Sink(Protocol):
@@ -126,6 +130,10 @@ class Daemon:
         self._next_refresh = 0
         self._last_watchdog = 0
         self._closed = False
+        # The status file (service.py hands one over): rewritten from the loop, never before a kill.
+        self.status: StatusFile | None = None
+        self.last_kills: deque[dict[str, Any]] = deque(maxlen=STATUS_KILLS)
+        self._killed_since_status = False
 
     @property
     def dry_run(self) -> bool:
@@ -137,6 +145,8 @@ class Daemon:
         if self._closed:
             return
         self._closed = True
+        if self.status is not None:
+            self.status.close()
         self.table.close()
         self.killer.close()
         if self.killer.tracer is not None:
@@ -173,7 +183,7 @@ class Daemon:
         self.cfg = new
         self.table.rules = rules
         self.killer.options = KillOptions.from_config(new.kill)
-        self.killer.provenance = dataclasses.replace(self.killer.provenance, config_hash=new.digest())
+        self.killer.provenance = self.builder.provenance(new)  # new config hash, confounders read again
         if source is not None:
             self.source.close()
             self.source = source
@@ -262,6 +272,10 @@ class Daemon:
         if self.notifier is not None and wd and self.clock() - self._last_watchdog >= wd:
             self.notifier.watchdog()
             self._last_watchdog = self.clock()
+        if self.status is not None and (self._killed_since_status or self.status.due()):
+            # After the turn (so after any kill): a kill shows at once, anything else on a slow cadence.
+            self.status.update(status_of(self), force=self._killed_since_status)
+            self._killed_since_status = False
 
     def _refresh(self) -> None:
         self.table.refresh()
@@ -434,6 +448,12 @@ class Daemon:
             self.stats.dry_runs += 1
         else:
             self.stats.failed += 1
+        self._killed_since_status = True
+        v = record.victim
+        self.last_kills.appendleft({
+            "at": time.strftime("%Y-%m-%d %H:%M:%S"), "pid": v.pid, "comm": v.comm, "outcome": record.outcome.value,
+            "reason": record.pressure.kill_reason if record.pressure else None,
+            "mem_back_ms": _ms(record.kill_to_mem_recovered_ns)})
         if not self.sink.write(record):
             self.stats.records_dropped += 1
             log.error("records.dropped", dropped=self.stats.records_dropped,
@@ -442,6 +462,40 @@ class Daemon:
             v = record.victim
             log.info("kill.would_kill", pid=v.pid, comm=v.comm, rss_kib=v.rss_kib, adj=v.oom_score_adj,
                      reason=record.pressure.reason if record.pressure else None)
+
+
+def status_of(d: Daemon) -> dict[str, Any]:
+    """What ``lmkd-py status`` shows of a kill-mode daemon: plain JSON-able values. Reads PSI and free
+    memory once each and copies the head of the warm ranking (no /proc scan)."""
+    cfg = d.cfg
+    signals: list[dict[str, Any]] = []
+    psi = d.source.read()
+    for level in cfg.pressure.levels:
+        line = psi.some if psi is not None and level.stall == "some" else (psi.full if psi is not None else None)
+        # A trigger fires on threshold_us of stall within window_us: as a share of the window, comparable
+        # (roughly: another window) with the avg10 share PSI reports.
+        signals.append({"name": f"psi {level.stall} avg10, level {level.name}", "value": line.avg10 if line else None,
+                        "threshold": round(100 * level.threshold_us / level.window_us, 2), "unit": "%"})
+    if cfg.pressure.mem_floor_pct is not None and cfg.pressure.cgroup is None:
+        free = d.table.proc.free_and_total_kib()
+        signals.append({"name": "free memory (floor)", "value": free[0] if free else None,
+                        "threshold": int(free[1] * cfg.pressure.mem_floor_pct / 100) if free else None, "unit": "KiB"})
+    for name, margin in getattr(d.source, "last_margins", {}).items():
+        signals.append({"name": f"{name}: margin", "value": margin, "threshold": 0, "unit": "KiB"})
+    floor = min(level.min_oom_score_adj for level in cfg.pressure.levels)
+    candidates = [{"pid": c.candidate.pid, "comm": c.candidate.comm, "oom_score_adj": c.candidate.oom_score_adj,
+                   "size_kib": c.candidate.size_kib, "reason": c.reason}
+                  for c in d.table.rank(floor, STATUS_CANDIDATES)]
+    return {
+        "mode": "dry-run" if cfg.dry_run else "kill",
+        "version": d.killer.provenance.lmkd_py_version,
+        "config_hash": d.killer.provenance.config_hash,
+        "sources": [d.source.description],
+        "signals": signals,
+        "candidates": candidates,
+        "last_kills": list(d.last_kills),
+        "stats": {k: v for k, v in vars(d.stats).items() if v and not isinstance(v, dict)},
+    }
 
 
 @dataclass(frozen=True)

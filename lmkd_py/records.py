@@ -80,6 +80,40 @@ _READER_CONFIG = {"extra": "ignore"}  # pydantic's ConfigDict for a stdlib datac
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class Setting:
+    """One setting that can sway reap latency besides the kernel: its value as text, or None with the
+    reason it could not be read (a missing file says the kernel lacks the feature; never fatal)."""
+
+    __pydantic_config__ = _READER_CONFIG
+
+    value: str | None = None
+    unreadable: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Confounders:
+    """The machine's memory-management and CPU settings, read once at start and on reload: what a kernel
+    A/B across boards must hold equal (issue 14). ``compare`` warns, naming the setting, when its two
+    sides differ; ``report --group-by`` splits by one. Records made before this block have None here."""
+
+    __pydantic_config__ = _READER_CONFIG
+
+    thp_enabled: Setting | None = None  # /sys/kernel/mm/transparent_hugepage/enabled, the bracketed choice
+    thp_defrag: Setting | None = None  # .../transparent_hugepage/defrag
+    lru_gen: Setting | None = None  # /sys/kernel/mm/lru_gen/enabled (MGLRU; e.g. 0x0007)
+    swappiness: Setting | None = None  # /proc/sys/vm/...
+    min_free_kbytes: Setting | None = None
+    watermark_scale_factor: Setting | None = None
+    swap: Setting | None = None  # /proc/swaps: "name type size_kib prio; ..." or "none"
+    zram: Setting | None = None  # per device: algorithm, disksize, streams; or "none"
+    page_size: Setting | None = None  # bytes
+    cpu_model: Setting | None = None  # /proc/cpuinfo model name, or arm64 implementer/part
+    cpu_count: Setting | None = None  # online CPUs
+    cpufreq_governor: Setting | None = None  # distinct scaling_governor values
+    kernel_cmdline: Setting | None = None  # /proc/cmdline without BOOT_IMAGE= (it names the kernel itself)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Provenance:
     """Where and by what a record was made."""
 
@@ -94,6 +128,8 @@ class Provenance:
     lmkd_py_version: str | None = None
     config_hash: str | None = None  # sha256 of the canonical JSON of the effective config
     virtualised: str | None = None  # e.g. "qemu-tcg" when known (the lab sets it)
+    # Added within schema version 1: optional, so older records load, and older readers ignore it.
+    confounders: Confounders | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

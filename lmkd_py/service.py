@@ -28,13 +28,12 @@ from lmkd_py.daemon import build
 from lmkd_py.procfs import CAP_KILL, self_has_capability
 from lmkd_py.records import open_writer
 from lmkd_py.sdnotify import Notifier
+from lmkd_py.status import claim as claim_status
+from lmkd_py.status import runtime_dir  # the directory of the lock and of the status file
 from lmkd_py.syscalls import LinuxSyscalls
 
 log = structlog.get_logger("lmkd_py.service")
 
-# Where the one-instance lock lives: the unit's RuntimeDirectory as root; $XDG_RUNTIME_DIR otherwise.
-# LMKD_PY_RUNTIME_DIR overrides both (a second, deliberately separate instance, e.g. in a test).
-RUNTIME_DIR_ENV = "LMKD_PY_RUNTIME_DIR"
 LOCK_NAME = "lmkd-py.lock"
 
 
@@ -58,23 +57,13 @@ def apply_overrides(cfg: Config, args: argparse.Namespace) -> Config:
     return dataclasses.replace(cfg, **update) if update else cfg
 
 
-def runtime_dir() -> Path | None:
-    """The directory of the one-instance lock, or None when there is no safe one (an ordinary user
-    without $XDG_RUNTIME_DIR: a lock in a shared /tmp could be planted by anyone)."""
-    if os.environ.get(RUNTIME_DIR_ENV):
-        return Path(os.environ[RUNTIME_DIR_ENV])
-    if os.geteuid() == 0:
-        return Path("/run/lmkd-py")
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    return Path(xdg) / "lmkd-py" if xdg else None
-
-
 @contextlib.contextmanager
 def instance_lock(directory: Path) -> Iterator[Path]:
     """Hold ``directory/lmkd-py.lock`` (flock) for the block: two killers on one machine would kill twice
     for one shortage. Raises AlreadyRunning naming the holder's pid. The file holds our pid; the lock,
     not the file, is what counts, so a file left by a crash does not block a restart."""
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # 0755: the status file beside the lock is for ordinary users to read (lmkd-py status).
+    directory.mkdir(mode=0o755, parents=True, exist_ok=True)
     path = directory / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
@@ -108,7 +97,9 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     if cfg.mode == "observe":
         from lmkd_py.observe import serve
 
-        return serve(cfg, records=cfg.records.path, duration_s=args.duration, cgroup=cfg.pressure.cgroup)
+        # As a service (Restart=always), observe waits for tracefs rather than exit into a restart loop.
+        return serve(cfg, records=cfg.records.path, duration_s=args.duration, cgroup=cfg.pressure.cgroup,
+                     status_dir=runtime_dir(), wait_for_tracefs=True)
     lock_dir = None if cfg.dry_run else runtime_dir()
     try:
         with contextlib.ExitStack() as stack:
@@ -143,6 +134,7 @@ def _serve(cfg: Config, args: argparse.Namespace) -> int:
         except TracingUnavailable as exc:
             raise OSError(f"tracing = \"on\" but the kernel timeline is unavailable: {exc.reason}") from None
         with daemon:
+            daemon.status = claim_status(runtime_dir(), log)
             daemon.load_config = lambda: apply_overrides(load_config_isolated(args.config), args)
             daemon.on_reloaded = lambda new: logsetup.configure(args.log_format, new.log_level)
 

@@ -92,6 +92,7 @@ class AdaptiveSource:
         self._watched: dict[int, int] = {}
         self.last_period_ns: int | None = None
         self.description = inner.description + "".join(f" + {c.name}" for c in self.checks)
+        self.last_margins: dict[str, int | None] = {}
 
     def wait(self, timeout_ns: int | None) -> list[PressureEvent]:
         self._sync_fds()
@@ -112,6 +113,7 @@ class AdaptiveSource:
             got = c.check(now)
             events += self._throttle(i, got.events, now)
             margins.append(got.margin_kib)
+            self.last_margins[c.name] = got.margin_kib  # what ``lmkd-py status`` shows
         known = [m for m in margins if m is not None]
         margin = min(known) if known else None
         self.last_period_ns = period_ns(margin, self.rate_kib_s, self.min_ns, self.max_ns)

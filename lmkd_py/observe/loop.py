@@ -32,6 +32,7 @@ import select
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +41,10 @@ from typing import Any, Protocol
 
 import structlog
 
+from lmkd_py import __version__, provenance
 from lmkd_py import log as logsetup
-from lmkd_py import provenance
 from lmkd_py.config import Config, ConfigError, load_config_isolated
+from lmkd_py.observe.health import TRACEFS_RETRY_NS, keep_status, kill_summary, open_trace, waiting_state
 from lmkd_py.observe.procs import MemSampler, WarmTable, read_pidfd_target, read_task_facts, read_victim_facts
 from lmkd_py.observe.record import build_record
 from lmkd_py.observe.trace import ExitListener, ObserveTrace
@@ -50,7 +52,9 @@ from lmkd_py.observe.track import GENERATE, MR_ENTER, ObservedKill, Tracker
 from lmkd_py.procfs import ProcFs, cgroup_v2_relpath
 from lmkd_py.records import KillRecord, RecordsPathError, open_writer
 from lmkd_py.sdnotify import Notifier
-from lmkd_py.tracing import ProcExit, TraceEvent, TracingUnavailable, find_tracefs, parse_kernel_version
+from lmkd_py.status import StatusFile, runtime_dir
+from lmkd_py.status import claim as claim_status
+from lmkd_py.tracing import ProcExit, TraceEvent, parse_kernel_version
 
 IDLE_TICK_NS = 1_000_000_000  # drain the exit recorder, sample MemAvailable
 PENDING_TICK_NS = 20_000_000
@@ -109,6 +113,8 @@ class Observer:
         self._next_warm_ns = 0
         self.written = 0
         self.dropped = 0
+        self.kills_seen = 0
+        self.last_kills: deque[dict[str, Any]] = deque(maxlen=5)  # for lmkd-py status
 
     def housekeeping(self, now_ns: int) -> None:
         """Idle work: drain the exit recorder undecoded, sample MemAvailable, refresh the warm table."""
@@ -228,6 +234,8 @@ class Observer:
             self.written += 1
         else:
             self.dropped += 1
+        self.kills_seen += 1
+        self.last_kills.appendleft(kill_summary(record))
         kt = record.kernel
         killer = record.killer
         self.log.info(
@@ -262,6 +270,9 @@ def run_observe(
     warm_refresh_ns: int = WARM_REFRESH_NS,
     trace_mrelease: bool = True,
     notifier: Notifier | None = None,
+    status: StatusFile | None = None,
+    tracefs_retry_ns: int | None = None,
+    take_hup: Callable[[], bool] | None = None,
 ) -> int:
     """Observe until ``stop()`` is true or ``duration_ns`` passed; pending kills are then written as
     they stand. Returns 0, or 1 when observing cannot start here (not root, no usable tracefs, ``cgroup``
@@ -271,6 +282,9 @@ def run_observe(
     ``stop`` at once. The tracefs instances are removed on every way out (return, exception, atexit).
     ``trace_mrelease`` False leaves the syscall events off (they slow every syscall on the system a
     little, see ``trace.MRELEASE_EVENTS``): process_mrelease calls are then not recorded.
+    ``status``: the status file to keep (``lmkd-py status``). ``tracefs_retry_ns``: as a service, wait
+    for a usable tracefs, trying again this often, instead of returning 1 (see ``health``).
+    ``take_hup``: whether a SIGHUP came since the last call (answered as a reload, see ``keep``).
     """
     log = structlog.get_logger("lmkd_py.observe")
     if os.geteuid() != 0:
@@ -283,11 +297,23 @@ def run_observe(
             log.error("observe.unavailable", reason=found.reason)
             return 1
         scope = found
-    try:
-        trace = ObserveTrace(find_tracefs(tracefs_root, log), log, mrelease=trace_mrelease)
-    except TracingUnavailable as exc:
-        log.error("observe.unavailable", reason=exc.reason)
+    begun = time.monotonic_ns()
+
+    def on_wait(why: str) -> None:
+        if status is not None:
+            status.update(waiting_state(why, cfg.digest(), __version__))
+
+    opened = open_trace(
+        tracefs_root, log, mrelease=trace_mrelease, retry_ns=tracefs_retry_ns, stop=stop,
+        deadline_ns=begun + duration_ns if duration_ns is not None else None, wake_fd=wake_fd, notifier=notifier,
+        on_wait=on_wait,
+    )
+    if opened.trace is None:
+        if opened.stopped:
+            return 0
+        log.error("observe.unavailable", reason=opened.reason)
         return 1
+    trace = opened.trace
     listener: ExitListener | None = None
     try:
         try:
@@ -309,8 +335,17 @@ def run_observe(
                  warm_processes=len(obs.warm), scope=scope, proc_connector=listener is not None)
         if notifier is not None:
             notifier.ready("observing SIGKILLs")
-        deadline = start + duration_ns if duration_ns is not None else None
-        if not _observe_until(obs, poller, stop, deadline, wake_fd, notifier, log):
+        deadline = begun + duration_ns if duration_ns is not None else None
+        def keep(seen: int) -> int:
+            if take_hup is not None and take_hup() and notifier is not None:
+                # systemctl reload: say it is done, so systemd never waits in "reloading"; observe reads
+                # its config at start only (log line: the operator learns a restart is needed).
+                notifier.reloading()
+                log.info("observe.reload", effect="a changed config takes effect on restart in observe mode")
+                notifier.ready("observing SIGKILLs")
+            return keep_status(status, obs, scope, seen)
+
+        if not _observe_until(obs, poller, stop, deadline, wake_fd, notifier, log, keep):
             return 1
         try:
             obs.step(final=True)
@@ -348,10 +383,13 @@ def _observe_until(
     wake_fd: int | None,
     notifier: Notifier | None,
     log: Any,
+    keep: Callable[[int], int],
 ) -> bool:
-    """The loop: wait, step, ping the watchdog. False when reading the trace failed too often."""
-    last_ping = obs.clock()
+    """The loop: wait, step, ping the watchdog, keep the status file (``keep``). False when reading the
+    trace failed too often."""
+    last_ping: int | None = None  # the first completed step pings: systemd counts from READY=1
     failures = 0
+    seen = keep(-1)
     while not stop():
         now = obs.clock()
         if deadline is not None and now >= deadline:
@@ -372,9 +410,10 @@ def _observe_until(
             failures = 0
             # Pinged only after a step completes: a stuck loop stops the pings (as the kill loop).
             wd = notifier.watchdog_interval_ns if notifier is not None else None
-            if notifier is not None and wd and obs.clock() - last_ping >= wd:
+            if notifier is not None and wd and (last_ping is None or obs.clock() - last_ping >= wd):
                 notifier.watchdog()
                 last_ping = obs.clock()
+            seen = keep(seen)
         except OSError as exc:
             # tracefs or /proc refusing a read (e.g. the instance removed under us): say so, retry a
             # few times, then give up rather than spin.
@@ -395,12 +434,22 @@ def cmd_observe(args: argparse.Namespace) -> int:
         print(f"lmkd-py: invalid config:\n{exc}", file=sys.stderr)
         return 2
     logsetup.configure(args.log_format, args.log_level or cfg.log_level)
-    return serve(cfg, records=args.records, duration_s=args.duration, cgroup=args.cgroup)
+    return serve(cfg, records=args.records, duration_s=args.duration, cgroup=args.cgroup, status_dir=runtime_dir())
 
 
-def serve(cfg: Config, *, records: Path | None, duration_s: float | None, cgroup: Path | None) -> int:
-    """Observe as a process: signals, sd_notify, records file; used by ``lmkd-py observe`` and by the
-    daemon when the config says ``mode = "observe"``. Returns run_observe's exit code."""
+def serve(
+    cfg: Config,
+    *,
+    records: Path | None,
+    duration_s: float | None,
+    cgroup: Path | None,
+    status_dir: Path | None = None,
+    wait_for_tracefs: bool = False,
+) -> int:
+    """Observe as a process: signals, sd_notify, records file, status file (in ``status_dir``); used by
+    ``lmkd-py observe`` and by the daemon when the config says ``mode = "observe"`` (which passes
+    ``wait_for_tracefs``: a service waits for tracefs rather than exit into a restart loop). Returns
+    run_observe's exit code."""
     from lmkd_py.sdnotify import SdNotifier
 
     writer = open_writer(cfg, records)
@@ -410,6 +459,12 @@ def serve(cfg: Config, *, records: Path | None, duration_s: float | None, cgroup
         print(f"lmkd-py: {exc}", file=sys.stderr)
         return 2
     stopping: list[int] = []
+    hups: list[int] = []
+
+    def take_hup() -> bool:
+        got = bool(hups)
+        hups.clear()
+        return got
 
     def on_stop(signum: int, _frame: FrameType | None) -> None:
         stopping.append(signum)
@@ -417,13 +472,22 @@ def serve(cfg: Config, *, records: Path | None, duration_s: float | None, cgroup
     rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     old_wakeup = signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
     old = {s: signal.signal(s, on_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    # SIGHUP (systemctl reload) would otherwise end the process, and Restart=always restart it.
+    old[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda signum, _frame: hups.append(signum))
     try:
         duration = int(duration_s * 1e9) if duration_s is not None else None
-        rc = run_observe(
-            cfg, sink=writer, duration_ns=duration, cgroup=cgroup, stop=lambda: bool(stopping), wake_fd=rfd,
-            warm_min_rss_kib=cfg.observe.min_rss_kib, warm_refresh_ns=cfg.observe.refresh_interval_ms * 1_000_000,
-            trace_mrelease=cfg.observe.trace_mrelease, notifier=SdNotifier.from_env(),
-        )
+        status = claim_status(status_dir, structlog.get_logger("lmkd_py.observe"))
+        try:
+            rc = run_observe(
+                cfg, sink=writer, duration_ns=duration, cgroup=cgroup, stop=lambda: bool(stopping), wake_fd=rfd,
+                warm_min_rss_kib=cfg.observe.min_rss_kib,
+                warm_refresh_ns=cfg.observe.refresh_interval_ms * 1_000_000,
+                trace_mrelease=cfg.observe.trace_mrelease, notifier=SdNotifier.from_env(), status=status,
+                tracefs_retry_ns=TRACEFS_RETRY_NS if wait_for_tracefs else None, take_hup=take_hup,
+            )
+        finally:
+            if status is not None:
+                status.close()
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)

@@ -113,7 +113,7 @@ def cmd_report(args: argparse.Namespace, out: TextIO | None = None, err: TextIO 
     from lmkd_py.report.render import render_report
     from lmkd_py.report.stats import report_groups
 
-    groups = report_groups(table)
+    groups = report_groups(table, getattr(args, "group_by", None))
     _problems(table.problems, err)
     out.write(render_report(groups, table.problems, fmt))
     if plots is not None:

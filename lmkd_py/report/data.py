@@ -15,6 +15,7 @@ nanoseconds here; the metric table says how to scale them for display.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from array import array
@@ -28,6 +29,7 @@ from pydantic import ValidationError
 
 from lmkd_py.records import (
     SCHEMA_VERSION,
+    Confounders,
     KillRecord,
     MreleaseStatus,
     Outcome,
@@ -76,7 +78,12 @@ KNOWN_SIDES = {
 }
 MAX_EXTRA_SIDES = 8
 _SIDE_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
-CATEGORIES = ("kernel_release", "machine_model", "outcome", "mrelease_status", "errno")
+# The settings besides the kernel that sway reap latency (records.Confounders), one category each:
+# compare warns when its sides differ in one, report --group-by splits by one.
+CONFOUNDERS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Confounders))
+CATEGORIES = ("kernel_release", "machine_model", "outcome", "mrelease_status", "errno", *CONFOUNDERS)
+# A confounder's value is kept to this many characters as a label (a hostile file could hold megabytes).
+MAX_CONFOUNDER_CHARS = 512
 
 
 @dataclass
@@ -232,6 +239,11 @@ class _Builder:
         self._code("outcome", rec.outcome.value)
         self._code("mrelease_status", mr.status.value)
         self._code("errno", mr.errno_name or errno_name(mr.errno))
+        cf = prov.confounders
+        for name in CONFOUNDERS:
+            setting = getattr(cf, name) if cf is not None else None
+            value = setting.value if setting is not None else None
+            self._code(name, value[:MAX_CONFOUNDER_CHARS] if value is not None else None)
         self.dry.append(1 if rec.dry_run or rec.outcome is Outcome.DRY_RUN else 0)
         self.rows += 1
 

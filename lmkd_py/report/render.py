@@ -135,6 +135,8 @@ def render_report(groups: list[GroupReport], problems: Problems, fmt_name: str) 
         out.append("no records")
     for g in groups:
         title = f"kernel {label(g.kernel_release, md)} / machine {label(g.machine_model, md)}"
+        if g.setting is not None:
+            title += f" / {g.setting[0]} {label(g.setting[1], md)}"
         out += [f"## {title}" if md else title, ""]
         out.append(f"records: {g.records} ({g.dry_runs} dry runs, not in the latencies)")
         out.append(f"outcomes: {_hist(g.outcomes, md)}")
@@ -163,6 +165,7 @@ def _group_json(g: GroupReport) -> dict[str, Any]:
     return {
         "kernel_release": g.kernel_release,
         "machine_model": g.machine_model,
+        **({"setting": {"name": g.setting[0], "value": g.setting[1]}} if g.setting is not None else {}),
         "records": g.records,
         "dry_runs": g.dry_runs,
         "outcomes": _keyed(g.outcomes),

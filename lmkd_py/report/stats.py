@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from lmkd_py.report.data import KIB_PER_GIB, FloatArray, Metric, RecordTable, metrics_for
+from lmkd_py.report.data import CONFOUNDERS, KIB_PER_GIB, FloatArray, Metric, RecordTable, metrics_for
 
 SMALL_N = 20  # below this a side gets a warning: CIs and p-values are rough
 SIZE_DIFF_P = 0.05  # KS p-value on victim sizes below which per-GiB rows are added ...
@@ -66,6 +66,7 @@ class GroupReport:
     errno: dict[str | None, int]
     metrics: list[tuple[Metric, Summary]]
     size_bins: list[tuple[float, float, int]]  # lo MiB, hi MiB, count
+    setting: tuple[str, str | None] | None = None  # (confounder, its value) with report --group-by
 
 
 def groups(table: RecordTable, by: tuple[str, ...]) -> list[tuple[tuple[str | None, ...], RecordTable]]:
@@ -84,10 +85,13 @@ def groups(table: RecordTable, by: tuple[str, ...]) -> list[tuple[tuple[str | No
     return out
 
 
-def report_groups(table: RecordTable) -> list[GroupReport]:
-    """One GroupReport per (kernel release, machine model) found in ``table``."""
+def report_groups(table: RecordTable, group_by: str | None = None) -> list[GroupReport]:
+    """One GroupReport per (kernel release, machine model) found in ``table``, and per value of the
+    confounder ``group_by`` (one of data.CONFOUNDERS) when given."""
     out = []
-    for (kernel, machine), sub in groups(table, ("kernel_release", "machine_model")):
+    by = ("kernel_release", "machine_model") + ((group_by,) if group_by is not None else ())
+    for key, sub in groups(table, by):
+        kernel, machine = key[0], key[1]
         rss = sub.columns["rss_kib"]  # every record's victim, dry runs too: these are counts, not latencies
         rss_mib = rss[~np.isnan(rss)] / 1024
         counts, _ = np.histogram(rss_mib, bins=np.array(SIZE_BINS_MIB))
@@ -103,6 +107,7 @@ def report_groups(table: RecordTable) -> list[GroupReport]:
                 errno={k: v for k, v in sub.categories["errno"].counts().items() if k is not None},
                 metrics=[(m, summarize(sub.values(m.column) * m.scale)) for m in metrics_for(sub)],
                 size_bins=bins,
+                setting=(group_by, key[2]) if group_by is not None else None,
             )
         )
     return out
@@ -286,6 +291,7 @@ def _warn(a: RecordTable, b: RecordTable, cmp: Comparison, opts: BootstrapOption
                 f"{label}: up to {big} values per metric; CIs bootstrapped from a random subsample of "
                 f"{opts.max_n} (conservative: wider than the full data warrants)"
             )
+    _confounder_warnings(a, b, cmp)
     for label, t in ((cmp.label_a, a), (cmp.label_b, b)):
         if t.rows and t.dry_run.all():
             cmp.warnings.append(f"{label}: all {t.rows} records are dry runs (no latencies)")
@@ -296,3 +302,34 @@ def _warn(a: RecordTable, b: RecordTable, cmp: Comparison, opts: BootstrapOption
                 shown = ", ".join(repr(k[:80]) for k in seen[:5])
                 shown += f" and {len(seen) - 5} more" if len(seen) > 5 else ""
                 cmp.warnings.append(f"{label} mixes {len(seen)} values of {cat}: {shown}")
+
+
+def _few(values: list[str], shown: int = 3) -> str:
+    # A few of them, each cut short: a hostile file can hold thousands of long values.
+    out = ", ".join(repr(v[:80]) for v in values[:shown])
+    return out + (f" and {len(values) - shown} more" if len(values) > shown else "")
+
+
+def _confounder_warnings(a: RecordTable, b: RecordTable, cmp: Comparison) -> None:
+    """A kernel A/B is only as good as what else was held equal: name each setting whose known values
+    differ between the sides, and say when a side's records cannot tell (made before the block existed)."""
+    for name in CONFOUNDERS:
+        va = sorted(k for k in a.categories[name].counts() if k is not None)
+        vb = sorted(k for k in b.categories[name].counts() if k is not None)
+        if va and vb and va != vb:
+            cmp.warnings.append(
+                f"confounder {name} differs: {cmp.label_a} {_few(va)} vs {cmp.label_b} {_few(vb)}; "
+                f"a difference may come from it rather than from the kernel"
+            )
+    # page_size is known whenever the block exists: where it is unknown, the block is missing. Said only
+    # when some records have it (two sets of old records alone would get this line on every compare).
+    missing = {label: t.categories["page_size"].counts().get(None, 0) for label, t in
+               ((cmp.label_a, a), (cmp.label_b, b))}
+    if sum(missing.values()) == a.rows + b.rows:
+        return
+    for label, t in ((cmp.label_a, a), (cmp.label_b, b)):
+        if missing[label]:
+            cmp.warnings.append(
+                f"{label}: {missing[label]} of {t.rows} records carry no confounders (made by an older lmkd-py): "
+                f"their settings cannot be checked"
+            )

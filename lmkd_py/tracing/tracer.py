@@ -91,12 +91,21 @@ def find_tracefs(root: Path | None, log: Any) -> Path:
     if root is None and os.environ.get(TRACEFS_ENV):
         root = Path(os.environ[TRACEFS_ENV])
     if root is not None:
-        if (root / "instances").is_dir():
-            return root
-        raise TracingUnavailable(f"{root} is not a tracefs mount (no instances/ directory)")
-    for candidate in DEFAULT_ROOTS:
-        if (candidate / "instances").is_dir():
-            return candidate
+        if not (root / "instances").is_dir():
+            raise TracingUnavailable(f"{root} is not a tracefs mount (no instances/ directory)")
+        if _read_only(root):
+            raise TracingUnavailable(f"{root} (named by ${TRACEFS_ENV} or the caller) is mounted read-only: "
+                                     "mount tracefs read-write there")
+        return root
+    found = [c for c in DEFAULT_ROOTS if (c / "instances").is_dir()]
+    writable = [c for c in found if not _read_only(c)]
+    if writable:
+        return writable[0]
+    if found:
+        raise TracingUnavailable(
+            f"{found[0]} is mounted read-only (a sandbox such as systemd's ProtectKernelTunables=yes?): "
+            f"bind-mount tracefs read-write elsewhere and name that path in ${TRACEFS_ENV} (the shipped "
+            "unit does: BindPaths=-/sys/kernel/tracing:/run/lmkd-py/tracefs)")
     target = DEFAULT_ROOTS[0]
     import subprocess  # only to mount tracefs: ~0.4 MiB a daemon that finds it mounted never loads
 
@@ -110,6 +119,16 @@ def find_tracefs(root: Path | None, log: Any) -> Path:
         raise TracingUnavailable(f"tracefs not mounted and mounting it failed: {proc.stderr.strip()}")
     log.info("tracing.tracefs_mounted", path=str(target))
     return target
+
+
+def _read_only(root: Path) -> bool:
+    """Whether ``root``'s mount is read-only. Checked up front because a read-only tracefs (systemd's
+    ProtectKernelTunables=yes remounts /sys/kernel/tracing so) would otherwise fail later, at
+    ``mkdir instances/...``, with a bare EROFS that names neither cause nor cure."""
+    try:
+        return bool(os.statvfs(root).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False  # cannot tell: let the instance's own mkdir say what is wrong
 
 
 def open_tracer(

@@ -29,9 +29,11 @@ from lmkd_py.records import KernelTimeline, Outcome
 from lmkd_py.syscalls import SIGKILL, LinuxSyscalls
 from lmkd_py.tracing import (
     DEFAULT_ROOTS,
+    TRACEFS_ENV,
     NullTracer,
     TracefsTracer,
     TracingUnavailable,
+    find_tracefs,
     open_tracer,
     parse_kernel_version,
 )
@@ -272,10 +274,12 @@ def test_no_tracefs_at_root_gives_null_timelines_and_one_warning(tmp_path: Path,
         open_tracer("on", tracefs_root=tmp_path)
 
 
-def test_instance_cannot_be_created_gives_null_timelines_and_one_warning(tmp_path: Path, children: Children) -> None:
+def test_read_only_tracefs_gives_null_timelines_and_says_what_to_do(
+    tmp_path: Path, children: Children, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ro = tmp_path / "ro"
     ro.mkdir()
-    # A read-only tmpfs that looks like tracefs: mkdir of the instance fails with EROFS.
+    # A read-only tmpfs that looks like tracefs (what ProtectKernelTunables=yes makes of /sys/kernel/tracing).
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(ro)], check=True)
     try:
         (ro / "instances").mkdir()
@@ -284,12 +288,19 @@ def test_instance_cannot_be_created_gives_null_timelines_and_one_warning(tmp_pat
             tracer = open_tracer("auto", tracefs_root=ro)
             timelines = _kill_sleepers(tracer, children, 3)
             tracer.close()
-        with pytest.raises(TracingUnavailable, match="cannot create tracefs instance"):
+        with pytest.raises(TracingUnavailable, match="mounted read-only"):
             open_tracer("on", tracefs_root=ro)
+        # Found in the usual places (no $LMKD_PY_TRACEFS): the message names the path and the cure.
+        monkeypatch.delenv(TRACEFS_ENV, raising=False)
+        monkeypatch.setattr("lmkd_py.tracing.tracer.DEFAULT_ROOTS", (ro,))
+        with pytest.raises(TracingUnavailable) as info:
+            find_tracefs(None, None)
+        assert str(ro) in info.value.reason and TRACEFS_ENV in info.value.reason
+        assert "ProtectKernelTunables" in info.value.reason
     finally:
         subprocess.run(["umount", str(ro)], check=True)
     assert [e["event"] for e in _warnings(logs)] == ["tracing.unavailable"]
-    assert all(tl.unavailable_reason and "Read-only" in tl.unavailable_reason for tl in timelines)
+    assert all(tl.unavailable_reason and "read-only" in tl.unavailable_reason for tl in timelines)
 
 
 def test_instance_removed_under_us_warns_once_and_never_raises(tracefs: Tracefs, children: Children) -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,7 +53,8 @@ def service(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], NotifySocke
     sock = NotifySocket(tmp_path / "notify")
     cfg = tmp_path / "lmkd.toml"
     cfg.write_text(GOOD.format(interval=1000))
-    env = dict(os.environ, NOTIFY_SOCKET=str(sock.path), WATCHDOG_USEC="1000000")
+    env = dict(os.environ, NOTIFY_SOCKET=str(sock.path), WATCHDOG_USEC="1000000",
+               LMKD_PY_RUNTIME_DIR=str(tmp_path / "run"))  # its status file stays in the test's directory
     p = subprocess.Popen(
         [sys.executable, "-m", "lmkd_py.cli", "--config", str(cfg), "--records", str(tmp_path / "r.jsonl"),
          "--log-format", "json", "--tracing", "off"],
@@ -125,7 +128,8 @@ def test_observe_mode_from_the_config_speaks_sd_notify(tmp_path: Path) -> None:
     sock = NotifySocket(tmp_path / "notify")
     cfg = tmp_path / "observe.toml"
     cfg.write_text(f'mode = "observe"\n[records]\npath = "{tmp_path / "obs.jsonl"}"\n')
-    env = dict(os.environ, NOTIFY_SOCKET=str(sock.path), WATCHDOG_USEC="1000000")
+    env = dict(os.environ, NOTIFY_SOCKET=str(sock.path), WATCHDOG_USEC="1000000",
+               LMKD_PY_RUNTIME_DIR=str(tmp_path / "run"))
     p = subprocess.Popen([sys.executable, "-m", "lmkd_py.cli", "--config", str(cfg), "--log-format", "json"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -143,3 +147,58 @@ def test_observe_mode_from_the_config_speaks_sd_notify(tmp_path: Path) -> None:
             p.kill()
             p.communicate()
         sock.sock.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="running lmkd-py status as nobody needs root to switch users")
+def test_status_of_a_dry_run_daemon_read_by_an_unprivileged_user(
+    nobody_python: tuple[list[str], dict[str, str]],
+) -> None:
+    """The daemon keeps its status file; `lmkd-py status` run as nobody shows it, and says so (exit 1)
+    once the daemon is gone."""
+    from tests.conftest import NOBODY
+
+    # A directory nobody can reach (pytest's tmp_path is under root's 0700 /tmp/pytest-of-root).
+    base = Path(tempfile.mkdtemp(prefix="lmkd-test-field-status-"))
+    try:
+        os.chmod(base, 0o755)
+        run = base / "run"
+        sock = NotifySocket(base / "notify")
+        env = dict(os.environ, NOTIFY_SOCKET=str(sock.path), LMKD_PY_RUNTIME_DIR=str(run))
+        p = subprocess.Popen(
+            [sys.executable, "-m", "lmkd_py.cli", "--dry-run", "--records", str(base / "r.jsonl"),
+             "--log-format", "json", "--tracing", "off"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )
+        try:
+            sock.expect("READY=1", timeout=20)
+            argv, nobody_env = nobody_python
+            as_nobody = {"user": NOBODY, "group": NOBODY, "extra_groups": [], "env": nobody_env}
+
+            def status(*extra: str) -> subprocess.CompletedProcess[str]:
+                # The status is written on the loop's first turn, right after READY=1: wait for the file.
+                while not (run / "status.json").exists() and p.poll() is None:
+                    time.sleep(0.05)
+                return subprocess.run([*argv, "status", "--runtime-dir", str(run), *extra], capture_output=True,
+                                      text=True, timeout=60, **as_nobody)  # type: ignore[call-overload]
+
+            text = status()
+            assert text.returncode == 0, text.stderr
+            assert f"mode dry-run, pid {p.pid}" in text.stdout
+            assert "sources: PSI" in text.stdout and "top candidates:" in text.stdout
+            raw = status("--json")
+            assert raw.returncode == 0, raw.stderr
+            state = json.loads(raw.stdout)
+            assert state["running"] is True and state["pid"] == p.pid and state["mode"] == "dry-run"
+            assert state["candidates"] and all("reason" in c for c in state["candidates"])
+            p.send_signal(signal.SIGKILL)  # a crash: the file stays behind, stale
+            p.wait(timeout=30)
+            stale = subprocess.run([*argv, "status", "--runtime-dir", str(run)], capture_output=True, text=True,
+                                   timeout=60, **as_nobody)  # type: ignore[call-overload]
+            assert stale.returncode == 1 and "NOT RUNNING" in stale.stdout and "is gone" in stale.stderr
+        finally:
+            if p.poll() is None:
+                p.kill()
+            p.communicate(timeout=30)
+            sock.sock.close()
+    finally:
+        shutil.rmtree(base)

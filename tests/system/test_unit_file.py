@@ -596,6 +596,35 @@ ExecStartPost=/bin/systemctl poweroff
 """
 
 
+# Observe mode under the unit: a victim in a memory-limited unit (MemoryMax=) named so it can be told
+# apart, killed by another process (/bin/kill, from the driver); then `lmkd-py status` as nobody.
+OBSERVE_VICTIM = """[Service]
+User=nobody
+MemoryMax=128M
+ExecStart=/usr/bin/python3 -c "import ctypes, time; ctypes.CDLL(None).prctl(15, b'lmkd-field-vic', 0, 0, 0); \\
+b = bytearray(64 << 20); b[::4096] = bytes(len(b) // 4096); time.sleep(600)"
+ExecStartPost=+/bin/sh -c 'sleep 1; echo $MAINPID > /run/victim.pid'
+"""
+
+OBSERVE_DRIVER = """[Unit]
+After=multi-user.target
+[Service]
+Type=oneshot
+StandardOutput=append:/out/driver.log
+StandardError=inherit
+ExecStart=/bin/sh -c 'systemctl start victim.service; systemctl start lmkd-py.service; echo start_rc=$?; \\
+systemctl show victim.service -p MemoryMax | sed s/^/victim_/; /bin/kill -KILL $(cat /run/victim.pid); \\
+echo kill_rc=$?; sleep 2; systemctl reload lmkd-py.service; echo reload_rc=$?; sleep 1; \\
+setpriv --reuid=nobody --regid=nogroup --clear-groups env PYTHONPATH=/opt/lmkd-py-src:/opt/lmkd-py-site \\
+/usr/bin/python3 -m lmkd_py.cli status --json > /out/status.json 2> /out/status.err; echo status_rc=$?; \\
+systemctl show lmkd-py.service -p ActiveState -p SubState -p StatusText -p WatchdogTimestampMonotonic \\
+-p NRestarts; systemctl stop lmkd-py.service; \\
+systemctl show lmkd-py.service -p Result -p ExecMainStatus | sed s/^/after_/; \\
+cp /var/lib/lmkd-py/records.jsonl /out/ 2>/dev/null; journalctl --no-pager -u lmkd-py.service > /out/journal.txt'
+ExecStartPost=/bin/systemctl poweroff
+"""
+
+
 def _cgroup_roots() -> list[Path]:
     """Hierarchies in which nspawn (without a host systemd) creates its payload/supervisor cgroups."""
     roots = [Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified")]
@@ -637,10 +666,17 @@ def needs_nspawn(fn: Callable[..., None]) -> Callable[..., None]:
 
 
 def boot_unit(
-    tmp_path: Path, cgroups: list[Path], exec_start: str, extra_binds: dict[Path, str]
+    tmp_path: Path,
+    cgroups: list[Path],
+    exec_start: str,
+    extra_binds: dict[Path, str],
+    *,
+    driver: str = DRIVER,
+    victim: str = VICTIM,
 ) -> tuple[dict[str, str], str, Path]:
     """Boot a container whose PID 1 is systemd, run the shipped unit with ``exec_start`` swapped in,
-    start it, reload it, stop it (see DRIVER). Returns (values the driver printed, its log, /out dir).
+    start it, reload it, stop it (see DRIVER, or ``driver``). Returns (values the driver printed, its
+    log, /out dir).
 
     The service has its own /tmp (PrivateTmp=), so this checkout and its site-packages are bound to
     fixed places under /opt, wherever they live on the host; the unit gets PYTHONPATH for them.
@@ -657,8 +693,8 @@ def boot_unit(
     )
     assert exec_start in text
     (units / "lmkd-py.service").write_text(text)
-    (units / "victim.service").write_text(VICTIM)
-    (units / "driver.service").write_text(DRIVER)
+    (units / "victim.service").write_text(victim)
+    (units / "driver.service").write_text(driver)
 
     def enter_cgroups() -> None:
         for cg in cgroups:
@@ -761,3 +797,42 @@ def test_daemon_under_real_systemd(tmp_path: Path, nspawn_cgroups: list[Path]) -
     )
     assert_lifecycle(shown, context, status_after_reload=None)
     assert shown.get("StatusText", "").startswith("config "), context
+
+
+@needs_nspawn
+@pytest.mark.skipif(_daemon_missing(), reason="the daemon (lmkd_py.daemon / lmkd_py.cli) is not in this tree yet")
+@pytest.mark.skipif(not Path("/sys/kernel/tracing").is_dir(), reason="the kernel has no tracefs")
+def test_observe_under_real_systemd_records_a_kill_made_by_another_process(
+    tmp_path: Path, nspawn_cgroups: list[Path]
+) -> None:
+    """mode = "observe" under the shipped unit: /sys/kernel/tracing is read-only there, so observe must
+    find tracefs through $LMKD_PY_TRACEFS like kill mode; it records the SIGKILL /bin/kill sends, and
+    `lmkd-py status` run as nobody reads what it sees."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    shipped = (REPO / "config" / "lmkd-py.toml").read_text()
+    assert shipped.count('\nmode = "kill"\n') == 1
+    (etc / "lmkd-py.toml").write_text(shipped.replace('\nmode = "kill"\n', '\nmode = "observe"\n'))
+    shown, context, out = boot_unit(
+        tmp_path, nspawn_cgroups, "/usr/bin/python3 -m lmkd_py.cli --config /etc/lmkd-py/lmkd-py.toml",
+        {etc: "/etc/lmkd-py"}, driver=OBSERVE_DRIVER, victim=OBSERVE_VICTIM,
+    )
+    assert_lifecycle(shown, context, status_after_reload=None)
+    assert shown.get("kill_rc") == "0", context
+    assert shown.get("victim_MemoryMax") == str(128 << 20), context
+    assert "observing SIGKILLs" in shown.get("StatusText", ""), context
+    assert (out / "records.jsonl").exists(), context
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines() if line.strip()]
+    ours = [r for r in records if (r["victim"].get("comm") or "").startswith("lmkd-field-vic")]
+    assert ours, f"no record of the victim among {len(records)}\n{context}"
+    rec = ours[0]
+    assert rec["outcome"] == "observed" and rec["observed"] is True
+    # nspawn gives the container its own pid namespace while tracepoints carry the host's pids: the
+    # killer's /proc cannot be read from inside (on a board there is one namespace and it can).
+    assert rec["killer"]["kind"] == "process" and rec["killer"]["pid"] is not None, rec["killer"]
+    # The status, read by an unprivileged user from the unit's RuntimeDirectory.
+    assert shown.get("status_rc") == "0", (out / "status.err").read_text() + context
+    status = json.loads((out / "status.json").read_text())
+    assert status["mode"] == "observe" and status["running"] is True
+    assert any("/run/lmkd-py/tracefs" in src for src in status["sources"]), status
+    assert any((k.get("comm") or "").startswith("lmkd-field-vic") for k in status["last_kills"]), status

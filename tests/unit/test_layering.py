@@ -33,6 +33,7 @@ ALLOWED: dict[str, set[str]] = {
     "safepath": set(),  # open a directory only root or we can have changed (the records writer)
     "records": {"safepath", "text"},
     "provenance": {"lmkd_py", "records"},
+    "status": {"text"},  # the status file the daemon keeps and lmkd-py status reads
     "psi": {"config", "procfs"},
     "policy": {"config", "patterns", "procfs"},
     "protect": {"config", "procfs", "syscalls"},
@@ -45,17 +46,18 @@ ALLOWED: dict[str, set[str]] = {
     "reasons": {"config", "procfs", "psi", "signals"},
     "builder": {"config", "headroom", "killer", "policy", "procfs", "provenance", "psi", "reasons", "signals",
                 "syscalls", "tracing"},
-    "daemon": {"builder", "candidates", "config", "killer", "policy", "procfs", "psi", "records", "sdnotify"},
-    "observe": {"config", "log", "procfs", "provenance", "records", "sdnotify", "tracing"},
-    "service": {"config", "daemon", "log", "observe", "procfs", "protect", "records", "sdnotify", "syscalls",
-                "tracing"},
+    "daemon": {"builder", "candidates", "config", "killer", "policy", "procfs", "psi", "records", "sdnotify",
+               "status"},
+    "observe": {"lmkd_py", "config", "log", "procfs", "provenance", "records", "sdnotify", "status", "tracing"},
+    "service": {"config", "daemon", "log", "observe", "procfs", "protect", "records", "sdnotify", "status",
+                "syscalls", "tracing"},
     "tools": {"config", "killer", "log", "procfs", "provenance", "records", "syscalls", "text", "tracing"},
     "stress": {"log"},
     "report": {"records", "text"},
     # The lab's in-guest program runs one kill at a time with the killer itself (no daemon).
     "lab": {"lmkd_py", "killer", "reaper", "log", "procfs", "provenance", "records", "report", "stress", "syscalls",
             "tracing"},
-    "cli": {"lmkd_py", "lab", "lean", "observe", "report", "service", "stress", "tools"},
+    "cli": {"lmkd_py", "lab", "lean", "observe", "report", "service", "status", "stress", "tools"},
 }
 
 
