@@ -406,6 +406,25 @@ class ObserveConfig(_Frozen):
     )
 
 
+class MetricsConfig(_Frozen):
+    textfile: Path | None = Field(
+        default=None,
+        strict=_LAX,
+        description="Prometheus metrics for node_exporter's textfile collector: this .prom file is rewritten "
+        "(atomically, mode 0644) after each kill record and every 30 s. Its directory must exist and, like the "
+        "records', belong to root or the user lmkd-py runs as and not be writable by group or others. "
+        "Unset (default): no metrics",
+    )
+
+    @field_validator("textfile")
+    @classmethod
+    def _prom_suffix(cls, path: Path | None) -> Path | None:
+        # node_exporter reads only *.prom files: any other name would be written and never collected.
+        if path is not None and path.suffix != ".prom":
+            raise ValueError(f"{path}: must end in .prom (node_exporter's textfile collector reads only those)")
+        return path
+
+
 class Config(_Frozen):
     mode: Literal["kill", "observe"] = Field(
         default="kill",
@@ -424,6 +443,7 @@ class Config(_Frozen):
     records: RecordsConfig = Field(default_factory=RecordsConfig)
     self_protection: SelfProtectionConfig = Field(default_factory=SelfProtectionConfig)
     observe: ObserveConfig = Field(default_factory=ObserveConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
     def digest(self) -> str:
         """sha256 of the canonical JSON of this config (stamped on records)."""
