@@ -31,6 +31,7 @@ ALLOWED: dict[str, set[str]] = {
     "text": set(),  # printable(): text from processes and record files made safe to show
     "safepath": set(),  # open a directory only root or we can have changed (the records writer)
     "records": {"safepath", "text"},
+    "metrics": {"lmkd_py", "safepath"},  # the node_exporter textfile; stdlib only (daemon's resident memory)
     "provenance": {"lmkd_py", "records"},
     "psi": {"config", "procfs"},
     "policy": {"config", "patterns", "procfs"},
@@ -44,8 +45,9 @@ ALLOWED: dict[str, set[str]] = {
     "reasons": {"config", "procfs", "psi", "signals"},
     "builder": {"config", "headroom", "killer", "policy", "procfs", "provenance", "psi", "reasons", "signals",
                 "syscalls", "tracing"},
-    "daemon": {"builder", "candidates", "config", "killer", "policy", "procfs", "psi", "records", "sdnotify"},
-    "observe": {"config", "log", "procfs", "provenance", "records", "sdnotify", "tracing"},
+    "daemon": {"builder", "candidates", "config", "killer", "metrics", "policy", "procfs", "psi", "records",
+               "sdnotify"},
+    "observe": {"config", "log", "metrics", "procfs", "provenance", "records", "sdnotify", "tracing"},
     "service": {"config", "daemon", "log", "observe", "procfs", "protect", "records", "sdnotify", "syscalls",
                 "tracing"},
     "tools": {"config", "killer", "log", "procfs", "provenance", "records", "syscalls", "text", "tracing"},
