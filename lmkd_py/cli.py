@@ -12,7 +12,7 @@ from pathlib import Path
 
 from lmkd_py import __version__
 
-COMMANDS = ("kill", "check-config", "config-schema", "report", "compare", "stress", "observe", "lab")
+COMMANDS = ("kill", "check-config", "config-schema", "report", "compare", "trace-export", "stress", "observe", "lab")
 
 
 def _add_daemon_args(p: argparse.ArgumentParser) -> None:
@@ -65,6 +65,10 @@ def _add_report(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--plots", type=Path, help="write PNG ECDF and box plots into this directory")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
+    from lmkd_py.report import add_trace_export_arguments  # the face is light: no numpy at import
+
+    p = sub.add_parser("trace-export", help="each kill's timeline as Chrome/Perfetto trace-event JSON")
+    add_trace_export_arguments(p)
 
 
 def _add_stress(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -141,6 +145,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from lmkd_py.report import cmd_compare, cmd_report
 
         handlers.update({"report": cmd_report, "compare": cmd_compare})
+    elif args.command == "trace-export":
+        from lmkd_py.report import cmd_trace_export
+
+        handlers["trace-export"] = cmd_trace_export
     elif args.command == "observe":
         from lmkd_py.observe import cmd_observe
 
