@@ -1,10 +1,14 @@
 """Metrics on a real kill (issue 14 item 3): the real daemon loop, table, killer and syscalls kill a
 victim the test started inside its own memory cgroup; the scripted part is only the pressure event.
-The textfile must show that kill; a textfile that cannot be written must cost the kill nothing."""
+The textfile must show that kill; a textfile that cannot be written must cost the kill nothing. And
+observe mode's textfile shows a kill another process made (tracefs: mounted for that test when it is
+not, and unmounted again, as tests/integration/test_tracing.py does)."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,7 +28,8 @@ from lmkd_py.procfs import ProcFs, Psi, cgroup_v2_relpath
 from lmkd_py.psi import PressureEvent
 from lmkd_py.records import ListSink, Outcome
 from lmkd_py.syscalls import LinuxSyscalls
-from tests.conftest import needs_root
+from lmkd_py.tracing import DEFAULT_ROOTS
+from tests.conftest import Children, check_no_instance_left, needs_root
 
 pytestmark = [needs_root]
 
@@ -119,3 +124,68 @@ def test_an_unwritable_textfile_costs_the_kill_nothing(cgroup: object, tmp_path:
     failed = [e for e in logs if e["event"] == "metrics.write_failed"]
     assert len(failed) == 1 and failed[0]["path"] == str(prom), logs
     assert not prom.parent.exists(), "the metrics directory is the operator's to make, never created"
+
+
+@pytest.fixture
+def tracefs_root() -> Iterator[Path]:
+    for root in DEFAULT_ROOTS:
+        if (root / "instances").is_dir():
+            yield root
+            return
+    root = DEFAULT_ROOTS[0]
+    out = subprocess.run(["mount", "-t", "tracefs", "nodev", str(root)], capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.skip(f"tracefs is not mounted and cannot be mounted here: {out.stderr.strip()}")
+    try:
+        yield root
+    finally:
+        if (root / "instances").is_dir() and not any((root / "instances").iterdir()):
+            subprocess.run(["umount", str(root)], capture_output=True)
+
+
+@pytest.fixture
+def no_instance_left(tracefs_root: Path) -> Iterator[None]:
+    yield from check_no_instance_left(tracefs_root)
+
+
+def test_observe_mode_counts_a_kill_made_by_another_process(
+    tracefs_root: Path, no_instance_left: None, children: Children, tmp_path: Path
+) -> None:
+    from lmkd_py.observe import run_observe
+
+    prom = tmp_path / "lmkd_py.prom"
+    cfg = Config(metrics=MetricsConfig(textfile=prom))
+    stop = threading.Event()
+    rc: list[int] = []
+    sink = ListSink()
+    thread = threading.Thread(target=lambda: rc.append(run_observe(
+        cfg, sink=sink, duration_ns=None, cgroup=None, stop=stop.is_set, tracefs_root=tracefs_root,
+        warm_refresh_ns=100_000_000)), daemon=True)
+    victim = children.victim(32)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not prom.exists():  # written once observe is ready
+            assert thread.is_alive() and time.monotonic() < deadline, f"observe never wrote {prom} (rc {rc})"
+            time.sleep(0.05)
+        subprocess.run(["kill", "-KILL", str(victim.pid)], check=True, timeout=30)
+        assert victim.wait(10) == -9
+        while not [r for r in sink.records if r.victim.pid == victim.pid]:
+            assert thread.is_alive() and time.monotonic() < deadline, "no record of the kill"
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(30)
+    assert rc == [0]
+    (rec,) = [r for r in sink.records if r.victim.pid == victim.pid]
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(prom.read_text()) for s in fam.samples}
+    release = rec.provenance.kernel_release
+    assert release is not None
+    observed = [v for (name, labels), v in samples.items()
+                if name == "lmkd_py_kills_total" and ("outcome", "observed") in labels]
+    assert sum(observed) == len(sink.records) >= 1
+    assert samples[("lmkd_py_kills_total", (("kernel_release", release), ("outcome", "observed"),
+                                            ("reason", "process")))] >= 1
+    assert samples[("lmkd_py_build_info", (("mode", "observe"), ("version", rec.provenance.lmkd_py_version)))] == 1
+    assert samples[("lmkd_py_up", ())] == 0, "a clean stop writes up 0"
