@@ -17,8 +17,8 @@ from lmkd_py.lean import defer_asyncio
 # command line imports neither pydantic nor numpy.
 CONFOUNDER_NAMES = ("thp_enabled", "thp_defrag", "lru_gen", "swappiness", "min_free_kbytes", "watermark_scale_factor",
                     "swap", "zram", "page_size", "cpu_model", "cpu_count", "cpufreq_governor", "kernel_cmdline")
-COMMANDS = ("kill", "check-config", "config-schema", "record-schema", "report", "compare", "stress", "observe", "lab",
-            "status")
+COMMANDS = ("kill", "check-config", "config-schema", "record-schema", "report", "compare", "trace-export", "stress",
+            "observe", "lab", "status")
 
 
 def _add_daemon_args(p: argparse.ArgumentParser) -> None:
@@ -74,6 +74,10 @@ def _add_report(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--plots", type=Path, help="write PNG ECDF and box plots into this directory")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
+    from lmkd_py.report import add_trace_export_arguments  # the face is light: no numpy at import
+
+    p = sub.add_parser("trace-export", help="each kill's timeline as Chrome/Perfetto trace-event JSON")
+    add_trace_export_arguments(p)
 
 
 def _add_stress(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -161,6 +165,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from lmkd_py.report import cmd_compare, cmd_report
 
         handlers.update({"report": cmd_report, "compare": cmd_compare})
+    elif args.command == "trace-export":
+        from lmkd_py.report import cmd_trace_export
+
+        handlers["trace-export"] = cmd_trace_export
     elif args.command == "observe":
         defer_asyncio()
         from lmkd_py.observe import cmd_observe

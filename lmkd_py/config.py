@@ -436,6 +436,26 @@ class ObserveConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class MetricsConfig:
+    __pydantic_config__ = _STRICT
+
+    textfile: Path | None = Field(
+        default=None,
+        description="Prometheus metrics for node_exporter's textfile collector: this .prom file is rewritten "
+        "(atomically, mode 0644) after each kill record and every 30 s. Its directory must exist and, like the "
+        "records', belong to root or the user lmkd-py runs as and not be writable by group or others. "
+        "Unset (default): no metrics",
+    )
+
+    def __post_init__(self) -> None:
+        # node_exporter reads only *.prom files: any other name would be written and never collected.
+        if self.textfile is not None and self.textfile.suffix != ".prom":
+            raise _FieldError(
+                "textfile", f"{self.textfile}: must end in .prom (node_exporter's textfile collector reads only those)"
+            )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
     __pydantic_config__ = _STRICT
     mode: Literal["kill", "observe"] = Field(
@@ -455,6 +475,7 @@ class Config:
     records: RecordsConfig = Field(default_factory=RecordsConfig)
     self_protection: SelfProtectionConfig = Field(default_factory=SelfProtectionConfig)
     observe: ObserveConfig = Field(default_factory=ObserveConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
     def digest(self) -> str:
         """sha256 of the canonical JSON of this config (stamped on records). The JSON is byte for byte

@@ -31,6 +31,7 @@ from lmkd_py.builder import Builder
 from lmkd_py.candidates import CandidateTable
 from lmkd_py.config import NEVER_KILL_ADJ, Config, ConfigError
 from lmkd_py.killer import Killer, KillOptions
+from lmkd_py.metrics import Metrics
 from lmkd_py.policy import Choice, hard_exclusion
 from lmkd_py.procfs import ProcFs, ProcParseError, Psi, cgroup_v2_path, subtree_pids
 from lmkd_py.psi import PressureEvent, PressureSource, TriggerUnavailable
@@ -106,6 +107,7 @@ class Daemon:
         clock: Clock = time.monotonic_ns,
         notifier: Notifier | None = None,
         builder: Builder | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.cfg = cfg
         self.source = source
@@ -122,6 +124,8 @@ class Daemon:
         self.load_config: Callable[[], Config] | None = None
         self.on_reloaded: Callable[[Config], None] | None = None
         self.stats = Stats()
+        # Fed from the records written (_store), so metrics and records never disagree.
+        self.metrics = metrics or Metrics(cfg.metrics.textfile, mode="kill", read_pressure=self._read_avg10)
         self.stop_requested = False
         self.reload_requested = False
         self.stuck: set[tuple[int, int]] = set()  # (pid, start time) of victims that did not exit
@@ -189,6 +193,9 @@ class Daemon:
             self.source = source
         if sink is not None:
             self.sink = sink
+        if new.metrics != old.metrics:
+            self.metrics.retarget(new.metrics.textfile)
+            self.metrics.write()
         self.table.refresh()
         return None
 
@@ -225,6 +232,7 @@ class Daemon:
                  dry_run=self.dry_run, refresh_ms=_ms(self.table.last_refresh_cost_ns))
         if self.notifier is not None:
             self.notifier.ready(f"watching {self.source.description}")
+        self.metrics.write()  # lmkd_py_up 1 at once; an unwritable path is logged now (and retried)
         while not self.stop_requested:
             now = self.clock()
             if deadline is not None and now >= deadline:
@@ -236,6 +244,7 @@ class Daemon:
                 log.error("loop.error", error=repr(exc), exc_info=True)
                 time.sleep(min(1.0, 0.01 * self.stats.loop_errors))
         log.info("daemon.stop", **{k: v for k, v in vars(self.stats).items() if v})
+        self.metrics.stop()
         if self.notifier is not None:
             self.notifier.stopping()
         return 0
@@ -246,6 +255,9 @@ class Daemon:
             t = min(t, deadline - now)
         if self.notifier is not None and self.notifier.watchdog_interval_ns:
             t = min(t, self._last_watchdog + self.notifier.watchdog_interval_ns - now)
+        metrics_due = self.metrics.due_in(now)
+        if metrics_due is not None:
+            t = min(t, metrics_due)
         return max(0, t)
 
     def iterate(self, timeout_ns: int) -> None:
@@ -267,6 +279,7 @@ class Daemon:
             self._refresh()
         if now >= self._next_refresh:
             self._next_refresh = now + self.cfg.candidates.refresh_interval_ms * 1_000_000
+        self.metrics.tick(self.clock())
         wd = self.notifier.watchdog_interval_ns if self.notifier is not None else None
         # watchdog_interval_ns is already half of WATCHDOG_USEC (sd_watchdog_enabled's advice)
         if self.notifier is not None and wd and self.clock() - self._last_watchdog >= wd:
@@ -302,6 +315,8 @@ class Daemon:
         psi = self.source.read()
         log.info("psi.event", psi_level=event.level.name, mechanism=event.mechanism, kill_reason=event.kill_reason,
                  some_avg10=psi.some.avg10 if psi else None)
+        for e in events:
+            self.metrics.pressure_event(e.level.name, *_avg10(psi))
         if event.level.min_oom_score_adj >= NEVER_KILL_ADJ:
             self._refresh()  # the low level: get the table ready for what may follow
             return
@@ -422,6 +437,11 @@ class Daemon:
             return "pressure_after_kill"
         return f"psi_{event.level.name}"
 
+    def _read_avg10(self) -> tuple[float | None, float | None] | None:
+        """For the metrics' slow rewrite: PSI avg10 (some, full) of the source now; None when unreadable."""
+        psi = self.source.read()
+        return _avg10(psi) if psi is not None else None
+
     def _still_needed(self, event: PressureEvent, at_event: Psi | None) -> bool:
         """Re-check after choosing: the source's own precise check when it has one; for a PSI stall,
         earlyoom's 'memory situation has recovered while selecting victim' (the level's stall total has
@@ -454,7 +474,9 @@ class Daemon:
             "at": time.strftime("%Y-%m-%d %H:%M:%S"), "pid": v.pid, "comm": v.comm, "outcome": record.outcome.value,
             "reason": record.pressure.kill_reason if record.pressure else None,
             "mem_back_ms": _ms(record.kill_to_mem_recovered_ns)})
-        if not self.sink.write(record):
+        stored = self.sink.write(record)
+        self.metrics.record(record, stored=stored)
+        if not stored:
             self.stats.records_dropped += 1
             log.error("records.dropped", dropped=self.stats.records_dropped,
                       reason=getattr(getattr(self.sink, "stats", None), "last_error", None))
@@ -559,6 +581,12 @@ def _pressure(event: PressureEvent, psi: Psi | None, choice: Choice, rank: int, 
         kill_reason=kill_reason,
         signals=dict(event.signals) if event.signals is not None else None,
     )
+
+
+def _avg10(psi: Psi | None) -> tuple[float | None, float | None]:
+    if psi is None:
+        return None, None
+    return psi.some.avg10, psi.full.avg10 if psi.full is not None else None
 
 
 def _ms(ns: int | None) -> float | None:

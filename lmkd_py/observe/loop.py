@@ -44,12 +44,13 @@ import structlog
 from lmkd_py import __version__, provenance
 from lmkd_py import log as logsetup
 from lmkd_py.config import Config, ConfigError, load_config_isolated
+from lmkd_py.metrics import Metrics
 from lmkd_py.observe.health import TRACEFS_RETRY_NS, keep_status, kill_summary, open_trace, waiting_state
 from lmkd_py.observe.procs import MemSampler, WarmTable, read_pidfd_target, read_task_facts, read_victim_facts
 from lmkd_py.observe.record import build_record
 from lmkd_py.observe.trace import ExitListener, ObserveTrace
 from lmkd_py.observe.track import GENERATE, MR_ENTER, ObservedKill, Tracker
-from lmkd_py.procfs import ProcFs, cgroup_v2_relpath
+from lmkd_py.procfs import ProcFs, ProcParseError, cgroup_v2_relpath, parse_pressure
 from lmkd_py.records import KillRecord, RecordsPathError, open_writer
 from lmkd_py.sdnotify import Notifier
 from lmkd_py.status import StatusFile, runtime_dir
@@ -115,6 +116,20 @@ class Observer:
         self.dropped = 0
         self.kills_seen = 0
         self.last_kills: deque[dict[str, Any]] = deque(maxlen=5)  # for lmkd-py status
+        self.scope_dir = scope_dir
+        # Fed from the records written (_write), so metrics and records never disagree.
+        self.metrics = Metrics(cfg.metrics.textfile, mode="observe", read_pressure=self._read_avg10)
+
+    def _read_avg10(self) -> tuple[float | None, float | None] | None:
+        """For the metrics' slow rewrite: memory PSI avg10 (some, full) of the scope now, or None."""
+        try:
+            if self.scope_dir is not None:
+                psi = parse_pressure((self.scope_dir / "memory.pressure").read_text())
+            else:
+                psi = self.proc.pressure()
+        except (OSError, ProcParseError):
+            return None
+        return psi.some.avg10, psi.full.avg10 if psi.full is not None else None
 
     def housekeeping(self, now_ns: int) -> None:
         """Idle work: drain the exit recorder undecoded, sample MemAvailable, refresh the warm table."""
@@ -230,7 +245,9 @@ class Observer:
             mrelease_traced=self.trace.mrelease_traced,
             extra_notes=self.setup_notes,
         )
-        if self.sink.write(record):
+        stored = self.sink.write(record)
+        self.metrics.record(record, stored=stored)
+        if stored:
             self.written += 1
         else:
             self.dropped += 1
@@ -335,6 +352,7 @@ def run_observe(
                  warm_processes=len(obs.warm), scope=scope, proc_connector=listener is not None)
         if notifier is not None:
             notifier.ready("observing SIGKILLs")
+        obs.metrics.write()  # lmkd_py_up 1 at once; an unwritable path is logged now (and retried)
         deadline = begun + duration_ns if duration_ns is not None else None
         def keep(seen: int) -> int:
             if take_hup is not None and take_hup() and notifier is not None:
@@ -346,11 +364,13 @@ def run_observe(
             return keep_status(status, obs, scope, seen)
 
         if not _observe_until(obs, poller, stop, deadline, wake_fd, notifier, log, keep):
+            obs.metrics.stop()
             return 1
         try:
             obs.step(final=True)
         except OSError as exc:
             log.error("observe.step_failed", error=str(exc), failures=1)
+        obs.metrics.stop()
         if notifier is not None:
             notifier.stopping()
         log.info("observe.stop", written=obs.written, dropped=obs.dropped, pending=len(obs.tracker.pending),
@@ -407,6 +427,7 @@ def _observe_until(
             obs.step()
             if not obs.tracker.pending:
                 obs.housekeeping(obs.clock())
+            obs.metrics.tick(obs.clock())
             failures = 0
             # Pinged only after a step completes: a stuck loop stops the pings (as the kill loop).
             wd = notifier.watchdog_interval_ns if notifier is not None else None

@@ -305,12 +305,16 @@ def test_the_validators_answer_can_hold_only_config_classes() -> None:
     assert _ConfigUnpickler(io.BytesIO(pickle.dumps(Config()))).load() == Config()
 
 
-def test_config_hash_is_unchanged_from_when_the_config_was_a_pydantic_model() -> None:
-    # Field records carry config_hash; the same config must keep its hash across the move to dataclasses
-    # (values printed by the pydantic version, commit 1200534, for the defaults and this config).
-    assert Config().digest() == "6612507623d6b5c5"
+def test_config_hash_is_the_hash_pydantic_would_give() -> None:
+    # Field records carry config_hash. It was the sha256 of pydantic's model_dump_json when the config was
+    # a pydantic model; the stdlib writer must produce the very same JSON, so that a config keeps its hash.
+    import hashlib
+
+    from lmkd_py.config import _adapter
+
     cfg = parse_config({"pressure": {"cgroup": "/sys/fs/cgroup/x", "mem_floor_pct": 2.5},
                         "policy": {"protect_exe": [{"path": "/usr/sbin/sshd", "uid": 0}],
                                    "protect_comm": ["sshd", "é"]},
-                        "kill": {"mem_recovery_fraction": 0.75}})
-    assert cfg.digest() == "1701e7cf22764222"
+                        "kill": {"mem_recovery_fraction": 0.75}, "metrics": {"textfile": "/x/m.prom"}})
+    for c in (Config(), cfg):
+        assert c.digest() == hashlib.sha256(_adapter().dump_json(c)).hexdigest()[:16]

@@ -32,6 +32,7 @@ ALLOWED: dict[str, set[str]] = {
     "lean": set(),  # what the long-running processes do not load (asyncio behind structlog)
     "safepath": set(),  # open a directory only root or we can have changed (the records writer)
     "records": {"safepath", "text"},
+    "metrics": {"lmkd_py", "safepath"},  # the node_exporter textfile; stdlib only (daemon's resident memory)
     "provenance": {"lmkd_py", "records"},
     "status": {"text"},  # the status file the daemon keeps and lmkd-py status reads
     "psi": {"config", "procfs"},
@@ -46,9 +47,10 @@ ALLOWED: dict[str, set[str]] = {
     "reasons": {"config", "procfs", "psi", "signals"},
     "builder": {"config", "headroom", "killer", "policy", "procfs", "provenance", "psi", "reasons", "signals",
                 "syscalls", "tracing"},
-    "daemon": {"builder", "candidates", "config", "killer", "policy", "procfs", "psi", "records", "sdnotify",
-               "status"},
-    "observe": {"lmkd_py", "config", "log", "procfs", "provenance", "records", "sdnotify", "status", "tracing"},
+    "daemon": {"builder", "candidates", "config", "killer", "metrics", "policy", "procfs", "psi", "records",
+               "sdnotify", "status"},
+    "observe": {"lmkd_py", "config", "log", "metrics", "procfs", "provenance", "records", "sdnotify", "status",
+                "tracing"},
     "service": {"config", "daemon", "log", "observe", "procfs", "protect", "records", "sdnotify", "status",
                 "syscalls", "tracing"},
     "tools": {"config", "killer", "log", "procfs", "provenance", "records", "syscalls", "text", "tracing"},
