@@ -196,9 +196,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(args)
     args = build_parser().parse_args(argv)
     defer_asyncio()  # before structlog is first imported (lean.py)
+    from lmkd_py.config import PendingConfig
+
+    pending = PendingConfig(args.config)  # validated in a child while this process imports the daemon
     from lmkd_py.service import cmd_daemon
 
-    return cmd_daemon(args)
+    return cmd_daemon(args, pending)
 
 
 if __name__ == "__main__":

@@ -611,32 +611,114 @@ class _ConfigUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not part of a config")
 
 
+def _restates(value: object, default: object) -> bool:
+    """True when the TOML ``value`` is exactly what ``default`` holds, type for type (strictly, as
+    validation would read it: a bool is not an int, an int may stand for a float)."""
+    if dataclasses.is_dataclass(default) and not isinstance(default, type):
+        if not isinstance(value, dict):
+            return False
+        fields = {f.name: f for f in dataclasses.fields(default)}
+        if not value.keys() <= fields.keys():
+            return False
+        for name, f in fields.items():
+            if name in value:
+                if not _restates(value[name], getattr(default, name)):
+                    return False
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                return False  # a required key left out: invalid, for the validator to say so
+        return True
+    if isinstance(default, tuple):
+        return (isinstance(value, list) and len(value) == len(default)
+                and all(_restates(v, d) for v, d in zip(value, default, strict=True)))
+    if isinstance(default, bool) or isinstance(value, bool):
+        return type(value) is bool and value == default
+    if isinstance(default, float):
+        return type(value) in (int, float) and value == default
+    if type(default) in (int, str):
+        return type(value) is type(default) and value == default
+    return False  # None (TOML has no null), paths: never a restatement
+
+
+def restates_defaults(data: dict[str, object]) -> bool:
+    """True when a decoded TOML document only restates the built-in defaults (as the shipped
+    config/lmkd-py.toml does): it then means exactly ``Config()``, which is valid by construction, and
+    needs no validator. Exact, not a heuristic: any key, type or value the defaults do not have is False."""
+    return _restates(data, Config())
+
+
+def _read_toml_if_small(path: Path) -> dict[str, object] | None:
+    """The decoded document, or None when anything about it is unusual (the validator will say what)."""
+    try:
+        raw = Path(path).read_bytes()
+        if len(raw) > MAX_CONFIG_BYTES:
+            return None
+        import tomllib
+
+        return tomllib.loads(raw.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+
+
+class PendingConfig:
+    """A config file being validated in a child process (``start_isolated``): the daemon starts it first
+    and imports its own modules meanwhile, so the child's ~170 ms (interpreter, pydantic, validators)
+    overlap the daemon's start-up instead of adding to it."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._proc: Any = None
+        self._error: str | None = None
+        self._defaults = False
+        if path is None:
+            return
+        data = _read_toml_if_small(path)
+        if data is not None and restates_defaults(data):
+            self._defaults = True  # the shipped file: no child, no pydantic (~170 ms of start-up)
+            return
+        import subprocess  # ~0.4 MiB the daemon needs only here
+
+        try:
+            self._proc = subprocess.Popen([sys.executable, "-c", _CHILD, os.fspath(path)],
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        except OSError as exc:
+            self._error = f"{path}: the config validator did not run: {exc}"
+
+    def result(self) -> Config:
+        """The validated Config (the defaults for no file). Raises ConfigError with the child's message
+        (naming file and key), as ``load_config`` would."""
+        path = self.path
+        if path is None or self._defaults:
+            return Config()
+        if self._error is not None:
+            raise ConfigError(self._error)
+        import subprocess
+
+        try:
+            stdout, stderr = self._proc.communicate(timeout=_CHILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.communicate()
+            raise ConfigError(f"{path}: the config validator did not answer in {_CHILD_TIMEOUT_S:.0f} s") from None
+        if self._proc.returncode != 0:
+            message = stderr.decode(errors="replace").strip()
+            if self._proc.returncode == 2 and message:
+                raise ConfigError(message)
+            raise ConfigError(f"{path}: the config validator failed (exit {self._proc.returncode}): {message[-500:]}")
+        try:
+            cfg = _ConfigUnpickler(io.BytesIO(stdout)).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as exc:
+            raise ConfigError(f"{path}: the config validator's answer was not a config: {exc}") from None
+        if not isinstance(cfg, Config):
+            raise ConfigError(f"{path}: the config validator's answer was not a config")
+        return cfg
+
+
 def load_config_isolated(path: Path | None) -> Config:
     """``load_config`` for the daemon: the file is read and validated in a short-lived child process,
     which hands back the validated Config, so that pydantic and its built validators (~17 MiB resident)
     never load into the long-running process. None gives the defaults, which need no validation.
     Raises ConfigError with the child's message (naming file and key), as ``load_config`` would."""
-    if path is None:
-        return Config()
-    import subprocess  # ~0.4 MiB the daemon needs only here
-
-    try:
-        out = subprocess.run([sys.executable, "-c", _CHILD, os.fspath(path)], capture_output=True,
-                             timeout=_CHILD_TIMEOUT_S, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise ConfigError(f"{path}: the config validator did not run: {exc}") from None
-    if out.returncode != 0:
-        message = out.stderr.decode(errors="replace").strip()
-        if out.returncode == 2 and message:
-            raise ConfigError(message)
-        raise ConfigError(f"{path}: the config validator failed (exit {out.returncode}): {message[-500:]}")
-    try:
-        cfg = _ConfigUnpickler(io.BytesIO(out.stdout)).load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as exc:
-        raise ConfigError(f"{path}: the config validator's answer was not a config: {exc}") from None
-    if not isinstance(cfg, Config):
-        raise ConfigError(f"{path}: the config validator's answer was not a config")
-    return cfg
+    return PendingConfig(path).result()
 
 
 def json_schema() -> dict[str, object]:

@@ -23,7 +23,7 @@ from typing import Any
 import structlog
 
 from lmkd_py import log as logsetup
-from lmkd_py.config import Config, ConfigError, load_config_isolated
+from lmkd_py.config import Config, ConfigError, PendingConfig, load_config_isolated
 from lmkd_py.daemon import build
 from lmkd_py.procfs import CAP_KILL, self_has_capability
 from lmkd_py.records import open_writer
@@ -87,9 +87,10 @@ def _startup_warnings(cfg: Config) -> None:
         log.warning("daemon.no_cap_kill", reason="without CAP_KILL only this user's own processes can be killed")
 
 
-def cmd_daemon(args: argparse.Namespace) -> int:
+def cmd_daemon(args: argparse.Namespace, pending: PendingConfig | None = None) -> int:
+    """The daemon. ``pending``: the config file's validation, started early by cli.main."""
     try:
-        cfg = apply_overrides(load_config_isolated(args.config), args)
+        cfg = apply_overrides((pending or PendingConfig(args.config)).result(), args)
     except ConfigError as exc:
         print(f"lmkd-py: invalid config:\n{exc}", file=sys.stderr)
         return 2

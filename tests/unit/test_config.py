@@ -286,7 +286,7 @@ def test_isolated_loader_keeps_pydantic_out_of_the_caller(tmp_path: Path) -> Non
     f.write_text(ISOLATED_TOML)
     code = (f"from pathlib import Path\nimport sys\nfrom lmkd_py.config import load_config_isolated\n"
             f"cfg = load_config_isolated(Path({str(f)!r}))\nassert cfg.kill.exit_timeout_ms == 2500\n"
-            "print(sorted(m for m in sys.modules if m.startswith(('pydantic', 're2', 'tomllib', 'hashlib'))))")
+            "print(sorted(m for m in sys.modules if m.startswith(('pydantic', 're2', 'hashlib'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     # re2: the config has a pattern, which the daemon compiles itself (Rules) when it builds its parts.
@@ -318,3 +318,86 @@ def test_config_hash_is_the_hash_pydantic_would_give() -> None:
                         "kill": {"mem_recovery_fraction": 0.75}, "metrics": {"textfile": "/x/m.prom"}})
     for c in (Config(), cfg):
         assert c.digest() == hashlib.sha256(_adapter().dump_json(c)).hexdigest()[:16]
+
+
+# -- a file that only restates the defaults needs no validator (the shipped one; start-up, issue 13) -------
+
+def _default_doc() -> dict[str, Any]:
+    """The defaults as a TOML document would write them (no nulls: TOML has none)."""
+    from lmkd_py.config import _plain
+
+    def strip(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: strip(x) for k, x in v.items() if x is not None}
+        if isinstance(v, list):
+            return [strip(x) for x in v]
+        return v
+
+    out: dict[str, Any] = strip(_plain(Config()))
+    return out
+
+
+_leaf = st.one_of(st.booleans(), st.integers(-5, 2_000_000), st.floats(-1, 100, allow_nan=False),
+                  st.sampled_from(["auto", "some", "full", "kill", "x", "medium"]), st.just([]))
+
+
+@st.composite
+def mutated_defaults(draw: st.DrawFn) -> dict[str, Any]:
+    doc = _default_doc()
+    for _ in range(draw(st.integers(0, 3))):
+        node: Any = doc
+        while True:  # walk down to a random table or array
+            keys = list(node.keys()) if isinstance(node, dict) else list(range(len(node)))
+            if not keys:
+                break
+            k = draw(st.sampled_from(keys))
+            child = node[k]
+            if isinstance(child, dict | list) and child and draw(st.booleans()):
+                node = child
+                continue
+            action = draw(st.sampled_from(["drop", "replace", "add"]))
+            if action == "drop" and isinstance(node, dict):
+                del node[k]
+            elif action == "add" and isinstance(node, dict):
+                node[draw(st.sampled_from(["extra", "dry_rum", "name", "window_us"]))] = draw(_leaf)
+            else:
+                node[k] = draw(_leaf)
+            break
+    return doc
+
+
+def test_the_shipped_file_restates_the_defaults() -> None:
+    import tomllib
+
+    from lmkd_py.config import restates_defaults
+
+    assert restates_defaults(tomllib.loads(DEFAULT.read_text()))
+    assert restates_defaults({}) and restates_defaults(_default_doc())
+
+
+@settings(max_examples=400, deadline=None)
+@given(mutated_defaults())
+def test_a_document_said_to_restate_the_defaults_is_the_defaults(doc: dict[str, Any]) -> None:
+    """Exactness: whatever restates_defaults accepts, the validator reads as Config() too."""
+    from lmkd_py.config import restates_defaults
+
+    if restates_defaults(doc):
+        assert parse_config(doc) == Config()
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [(("dry_run",), 0), (("kill", "mrelease"), 1), (("kill", "exit_timeout_ms"), 3000.0), (("mode",), "observe"),
+     (("pressure", "mem_floor_pct"), 0), (("candidates", "recheck_top"), True), (("nope",), 1)],
+)
+def test_a_near_restatement_goes_to_the_validator(path: tuple[str, ...], value: object) -> None:
+    # Equal in Python (0 == False, 3000.0 == 3000) or a different config: either way not the defaults'
+    # exact text, so the daemon validates it in the child.
+    from lmkd_py.config import restates_defaults
+
+    doc: dict[str, Any] = _default_doc()
+    node = doc
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    assert not restates_defaults(doc)
