@@ -59,7 +59,7 @@ ALLOWED: dict[str, set[str]] = {
     # The lab's in-guest program runs one kill at a time with the killer itself (no daemon).
     "lab": {"lmkd_py", "killer", "reaper", "log", "procfs", "provenance", "records", "report", "stress", "syscalls",
             "tracing"},
-    "cli": {"lmkd_py", "lab", "lean", "observe", "report", "service", "status", "stress", "tools"},
+    "cli": {"lmkd_py", "config", "lab", "lean", "observe", "report", "service", "status", "stress", "tools"},
 }
 
 
