@@ -26,6 +26,7 @@ from tests.conftest import check_no_instance_left
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
 N = r"(-?\d+(?:\.\d+)?)"  # one figure
+FOOT = rf"{N} MiB \| {N} MiB \| {N} MiB \| {N} %"  # footprint.py: RSS | locked | VmLck | idle CPU
 CGROUP_PREFIX = os.environ.get("LMKD_TEST_CGROUP_PREFIX", "lmkd-py-test-bench-")
 CGROUP_ROOTS = (Path("/sys/fs/cgroup/memory"), Path("/sys/fs/cgroup/unified"))
 
@@ -50,8 +51,11 @@ CASES = (
     Case("kill_path.py", (rf"^mrelease\s+\d+\s+{N}\s+{N}\s+{N}",
                           rf"ratio mrelease / kill-only, median kill->exit: {N}"), args=("--starve",)),
     Case("decision_latency.py", (rf"decision p50\s+{N} ms\s+p99\s+{N} ms\s+\| full /proc scan p50\s+{N} ms",)),
-    Case("footprint.py", (rf"start-up to daemon.ready: {N} ms", rf"steady RSS: median {N} MiB, max {N} MiB",
-                          rf"idle CPU over {N} s: {N} s")),
+    Case("footprint.py", (rf"^\| lmkd-py kill mode, whole machine[^|]*\| {N} ms \| {FOOT}",
+                          rf"^\| lmkd-py kill mode, scoped[^|]*\| {N} ms \| {FOOT}",
+                          rf"^\| lmkd-py observe mode[^|]*\| {N} ms \| {FOOT}",
+                          rf"^\s+pydantic\s+\+{N} MiB"),
+         root=True, tracefs=True, cgroups=True),
     Case("reap_curve.py", (rf"^\s+16\s+1\s+1\s+{N}\s+{N}", rf"^\s+16\s+64\s+1\s+{N}\s+{N}")),
     Case("episode.py", (rf"^lmkd-py\s+{N}\s+\S+\s+{N}\s+{N}\s+{N}", rf"^none\s+{N}\s+\S+\s+{N}\s+{N}\s+{N}"),
          root=True, cgroups=True),
