@@ -385,13 +385,29 @@ class Daemon:
             if any(r.outcome in (Outcome.KILLED, Outcome.DRY_RUN) for r in records):
                 return
             if record.outcome is Outcome.EXIT_TIMEOUT:
-                if record.steps.mem_recovered_ns is not None:
+                if self._memory_released(record):
                     return  # its memory came back all the same (process_mrelease reaped it)
                 reason = "not_responding"
             elif record.outcome is Outcome.GONE and not (event.still is not None and event.still()):
                 # It freed its memory by itself; only a precise re-check may ask for another victim.
                 log.info("kill.victim_gone", pid=choice.candidate.pid, reason="one event, one kill: wait for the next")
                 return
+
+    def _memory_released(self, record: KillRecord) -> bool:
+        """Whether a victim that did not exit has lost its memory anyway (process_mrelease reaps a frozen
+        or D-state task). Read from the victim itself: its anon + shmem RSS now against the record's
+        before the kill. Free memory (``mem_recovered_ns``) is system-wide, and on a busy machine others
+        freeing as much in that second made a stuck victim look reaped and spared the next candidate."""
+        v = record.victim
+        before = (v.rss_anon_kib or 0) + (v.rss_shmem_kib or 0)
+        try:
+            st = self.table.proc.status(v.pid)
+        except (FileNotFoundError, ProcessLookupError, ProcParseError):
+            return True  # gone now: whatever it held is freed
+        if before <= 0 or st.rss_anon_kib is None:
+            return record.steps.mem_recovered_ns is not None  # nothing to compare: fall back to free memory
+        now = st.rss_anon_kib + (st.rss_shmem_kib or 0)
+        return now <= before * (1.0 - self.cfg.kill.mem_recovery_fraction)
 
     def _group_of(self, choice: Choice) -> _Group | None:
         """The members to kill with ``choice`` when the kill takes its whole cgroup (``kill.unit =

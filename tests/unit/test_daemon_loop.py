@@ -4,6 +4,8 @@ values on a FakeClock (cooldowns are tested at their configured lengths, not at 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+from types import SimpleNamespace
 from typing import Any
 
 import structlog
@@ -52,10 +54,18 @@ class Source:
         self.closed = True
 
 
+class StillThere:
+    """The table's ProcFs as the daemon uses it after a stuck kill: every victim still holds what it held."""
+
+    def status(self, pid: int) -> SimpleNamespace:
+        return SimpleNamespace(rss_anon_kib=1 << 20, rss_shmem_kib=0)
+
+
 class Table:
     def __init__(self, cands: list[Candidate]) -> None:
         self.cands = cands
         self.refreshes = 0
+        self.proc = StillThere()
 
     def __len__(self) -> int:
         return len(self.cands)
@@ -541,3 +551,26 @@ def test_a_cgroup_with_oom_group_is_killed_whole_and_never_the_root(tmp_path: An
         d.cfg = Config(kill=KillConfig(unit="cgroup"))
         d.handle([ev(CRIT, clock)])
     assert len(calls) == 1 and any(e["event"] == "kill.group_refused" for e in logs)
+
+
+def test_free_memory_from_elsewhere_does_not_pass_for_a_stuck_victim_reaped() -> None:
+    """CI once saw it on a busy machine: a frozen victim timed out (no process_mrelease), others freed as
+    much memory in that second, and the daemon took it for the victim's and spared the next candidate.
+    What counts is the victim's own RSS: still held, so the next one dies as not_responding."""
+    d, (clock, _src, _t, killer, _sink) = make()
+    calls: list[str] = []
+
+    def stuck_while_others_free(
+        expected: Victim, *, dry_run: bool = False, pressure: Pressure | None = None, pidfd: int | None = None
+    ) -> KillRecord:
+        killer.killed.append(expected.pid)
+        calls.append(pressure.kill_reason if pressure and pressure.kill_reason else "")
+        held = dataclasses.replace(expected, rss_anon_kib=1 << 20)  # as the killer reads it before SIGKILL
+        outcome = Outcome.EXIT_TIMEOUT if len(calls) == 1 else Outcome.KILLED
+        return KillRecord(record_id="x", wall_time="t", outcome=outcome, victim=held,
+                          steps=Steps(start_ns=clock.t, mem_recovered_ns=clock.t + 5, end_ns=clock.t + 9),
+                          pressure=pressure, mrelease=Mrelease(status=MreleaseStatus.DISABLED))
+
+    killer.kill = stuck_while_others_free  # type: ignore[method-assign]
+    d.handle([ev(CRIT, clock)])
+    assert len(killer.killed) == 2 and calls[1] == "not_responding"
