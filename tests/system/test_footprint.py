@@ -35,7 +35,7 @@ MARGIN = 1.10
 # more than CPython's own SHA-256), asyncio (behind structlog; lean.py keeps it out).
 NOT_IN_DAEMON = ("pydantic_core", "_ssl.", "_hashlib.", "_asyncio.", "libcrypto", "libssl")
 
-pytestmark = [needs_root, pytest.mark.slow]
+
 
 
 def footprint(pid: int) -> dict[str, int]:
@@ -119,6 +119,8 @@ def check(fp: dict[str, int], libs: set[str], what: str) -> None:
     assert loaded == [], f"{what}: maps what it never uses: {loaded}"
 
 
+@needs_root
+@pytest.mark.slow
 def test_kill_mode_after_its_first_kill_as_the_service_runs_it(cgroup: PressureCgroup, tmp_path: Path) -> None:
     out = tmp_path / "records.jsonl"
     grower = Grower(step_mib=3, period_ms=20, cap_mib=2048)
@@ -143,6 +145,8 @@ def test_kill_mode_after_its_first_kill_as_the_service_runs_it(cgroup: PressureC
         grower.kill()
 
 
+@needs_root
+@pytest.mark.slow
 def test_observe_mode_after_recording_a_kill(cgroup: PressureCgroup, tmp_path: Path) -> None:
     out = tmp_path / "observed.jsonl"
     grower = Grower(step_mib=4, period_ms=20, cap_mib=64)  # 64 MiB, then holds
@@ -166,3 +170,23 @@ def test_observe_mode_after_recording_a_kill(cgroup: PressureCgroup, tmp_path: P
         check(fp, libs, "observe mode after recording a kill")
     finally:
         grower.kill()
+
+
+def test_the_daemons_imports_leave_out_what_it_never_uses() -> None:
+    """What the daemon and observe mode import (as cli.main does it) holds no offline family (report, lab,
+    stress), no pydantic, no asyncio, no OpenSSL-backed hashlib and, with no pattern configured, no re2."""
+    code = (
+        "import sys\n"
+        "from lmkd_py.lean import defer_asyncio, asyncio_loaded\n"
+        "defer_asyncio()\n"
+        "import lmkd_py.service, lmkd_py.observe\n"
+        "from lmkd_py.config import Config\n"
+        "from lmkd_py.policy import Rules\n"
+        "Rules.from_config(Config().policy)\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('pydantic', 'pydantic_core', 're2', 'numpy',"
+        " '_hashlib', 'ssl') or m.startswith(('lmkd_py.report', 'lmkd_py.lab', 'lmkd_py.stress')))\n"
+        "print(bad, asyncio_loaded())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[] False"
