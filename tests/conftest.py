@@ -116,6 +116,28 @@ def our_tracefs_instances(root: Path) -> set[str]:
     return out
 
 
+@pytest.fixture(scope="module")
+def tracefs_root() -> Iterator[Path]:
+    """The tracefs mount for tests that trace; mounted at the first default place when nothing is mounted,
+    and unmounted afterwards unless someone else has an instance in it by then. Skips where tracefs cannot
+    be mounted."""
+    from lmkd_py.tracing import DEFAULT_ROOTS
+
+    for root in DEFAULT_ROOTS:
+        if (root / "instances").is_dir():
+            yield root
+            return
+    root = DEFAULT_ROOTS[0]
+    out = subprocess.run(["mount", "-t", "tracefs", "nodev", str(root)], capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.skip(f"tracefs is not mounted and cannot be mounted here: {out.stderr.strip()}")
+    try:
+        yield root
+    finally:
+        if (root / "instances").is_dir() and not any((root / "instances").iterdir()):
+            subprocess.run(["umount", str(root)], capture_output=True)
+
+
 def check_no_instance_left(root: Path) -> Iterator[None]:
     """Body of an autouse fixture: fails a test that leaves an lmkd-py instance behind, and removes it
     so the machine stays clean even then."""

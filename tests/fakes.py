@@ -1,11 +1,22 @@
-"""Fakes for what this machine cannot produce on demand: scripted errno values from the kernel."""
+"""Fakes for what this machine cannot produce on demand (scripted errno values from the kernel, pressure
+events at the test's moment), and a real daemon driven by such events."""
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from lmkd_py.candidates import CandidateTable
+from lmkd_py.config import Config
+from lmkd_py.daemon import Daemon
+from lmkd_py.killer import Killer, KillOptions
+from lmkd_py.policy import Rules
+from lmkd_py.procfs import ProcFs, Psi, cgroup_v2_relpath
+from lmkd_py.psi import PressureEvent
+from lmkd_py.records import ListSink, Provenance
+from lmkd_py.stress import PressureCgroup
 from lmkd_py.syscalls import LinuxSyscalls
 
 
@@ -65,3 +76,30 @@ def fake_proc(root: Path, pid: int, comm: str, rss_kib: int, *, start: int = 500
     (d / "cmdline").write_bytes(comm.encode() + b"\0--flag\0")
     (d / "cgroup").write_text("0::/apps/x\n")
     (d / "oom_score_adj").write_text(f"{adj}\n")
+
+
+class ScriptedSource:
+    """A pressure source that never fires by itself: the test hands its events to ``Daemon.handle``."""
+
+    description = "scripted"
+
+    def wait(self, timeout_ns: int | None) -> list[PressureEvent]:
+        return []
+
+    def read(self) -> Psi | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def scoped_daemon(cg: PressureCgroup, cfg: Config, provenance: Provenance | None = None) -> tuple[Daemon, ListSink]:
+    """A real daemon (real table, killer and syscalls) scoped to the test's cgroup, driven by the test
+    through ``Daemon.handle``; records into a ListSink."""
+    rel = cgroup_v2_relpath(cg.v2_path, Path("/proc/self/mounts").read_text())
+    rules = Rules(scope_cgroup=rel, self_pids=frozenset({os.getpid()}))
+    table = CandidateTable(ProcFs(), rules, scope_dir=cg.v2_path, clock=time.monotonic_ns,
+                           pidfd_open=LinuxSyscalls().pidfd_open, hold=4)
+    killer = Killer(LinuxSyscalls(), ProcFs(), options=KillOptions.from_config(cfg.kill), provenance=provenance)
+    sink = ListSink()
+    return Daemon(cfg, source=ScriptedSource(), killer=killer, table=table, sink=sink), sink

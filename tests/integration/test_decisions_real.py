@@ -21,11 +21,12 @@ from lmkd_py.config import Config, KillConfig, Level
 from lmkd_py.daemon import Daemon
 from lmkd_py.killer import Killer, KillOptions
 from lmkd_py.policy import Rules
-from lmkd_py.procfs import ProcFs, Psi, cgroup_v2_relpath
+from lmkd_py.procfs import ProcFs, cgroup_v2_relpath
 from lmkd_py.psi import PressureEvent
 from lmkd_py.records import ListSink, Outcome
 from lmkd_py.syscalls import LinuxSyscalls
 from tests.conftest import needs_root
+from tests.fakes import ScriptedSource, scoped_daemon
 
 pytestmark = [needs_root]
 
@@ -34,19 +35,6 @@ FREEZER = Path("/sys/fs/cgroup/freezer")
 CRITICAL = Level(name="critical", stall="full", threshold_us=1, window_us=2_000_000, min_oom_score_adj=0)
 
 
-class OneEvent:
-    """A pressure source whose events the test hands over itself."""
-
-    description = "scripted"
-
-    def wait(self, timeout_ns: int | None) -> list[PressureEvent]:
-        return []
-
-    def read(self) -> Psi | None:
-        return None
-
-    def close(self) -> None:
-        pass
 
 
 def event() -> PressureEvent:
@@ -69,15 +57,9 @@ def daemon_for(cg: object, *, exit_timeout_ms: int = 3000, mrelease: bool = True
     from lmkd_py.stress import PressureCgroup
 
     assert isinstance(cg, PressureCgroup)
-    rel = cgroup_v2_relpath(cg.v2_path, Path("/proc/self/mounts").read_text())
-    rules = Rules(scope_cgroup=rel, self_pids=frozenset({os.getpid()}))
-    table = CandidateTable(ProcFs(), rules, scope_dir=cg.v2_path, clock=time.monotonic_ns,
-                           pidfd_open=LinuxSyscalls().pidfd_open, hold=4)
     cfg = Config(kill=KillConfig(exit_timeout_ms=exit_timeout_ms, mrelease=mrelease, recheck_pressure=False,
                                  min_interval_ms=0))
-    killer = Killer(LinuxSyscalls(), ProcFs(), options=KillOptions.from_config(cfg.kill))
-    sink = ListSink()
-    return Daemon(cfg, source=OneEvent(), killer=killer, table=table, sink=sink), sink
+    return scoped_daemon(cg, cfg)
 
 
 def test_a_hog_started_after_the_refresh_is_killed_not_the_older_bystander(scope: object) -> None:
@@ -189,7 +171,8 @@ def test_a_whole_cgroup_kill_takes_every_member_and_links_their_records(scope: o
         cfg = Config(kill=KillConfig(unit="cgroup", recheck_pressure=False, min_interval_ms=0))
         killer = Killer(LinuxSyscalls(), ProcFs(), options=KillOptions.from_config(cfg.kill))
         sink = ListSink()
-        with Daemon(cfg, source=OneEvent(), killer=killer, table=table, sink=sink, builder=Builder(ProcFs())) as d:
+        with Daemon(cfg, source=ScriptedSource(), killer=killer, table=table, sink=sink,
+                    builder=Builder(ProcFs())) as d:
             d.table.refresh()
             d.handle([event()])
         expected = {m.pid for m in members} - {spared}

@@ -19,17 +19,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from lmkd_py import provenance
-from lmkd_py.candidates import CandidateTable
 from lmkd_py.config import Config, KillConfig, Level, MetricsConfig
 from lmkd_py.daemon import Daemon
-from lmkd_py.killer import Killer, KillOptions
-from lmkd_py.policy import Rules
-from lmkd_py.procfs import ProcFs, Psi, cgroup_v2_relpath
 from lmkd_py.psi import PressureEvent
 from lmkd_py.records import ListSink, Outcome
-from lmkd_py.syscalls import LinuxSyscalls
-from lmkd_py.tracing import DEFAULT_ROOTS
 from tests.conftest import Children, check_no_instance_left, needs_root
+from tests.fakes import scoped_daemon
 
 pytestmark = [needs_root]
 
@@ -38,19 +33,6 @@ V2 = Path("/sys/fs/cgroup/unified")
 CRITICAL = Level(name="critical", stall="full", threshold_us=1, window_us=2_000_000, min_oom_score_adj=0)
 
 
-class Scripted:
-    """A pressure source that never fires by itself: the test hands the event to ``Daemon.handle``."""
-
-    description = "scripted"
-
-    def wait(self, timeout_ns: int | None) -> list[PressureEvent]:
-        return []
-
-    def read(self) -> Psi | None:
-        return None
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.fixture
@@ -68,17 +50,10 @@ def _daemon(cg: object, textfile: Path) -> tuple[Daemon, ListSink]:
     from lmkd_py.stress import PressureCgroup
 
     assert isinstance(cg, PressureCgroup)
-    rel = cgroup_v2_relpath(cg.v2_path, Path("/proc/self/mounts").read_text())
-    rules = Rules(scope_cgroup=rel, self_pids=frozenset({os.getpid()}))
-    table = CandidateTable(ProcFs(), rules, scope_dir=cg.v2_path, clock=time.monotonic_ns,
-                           pidfd_open=LinuxSyscalls().pidfd_open, hold=4)
     cfg = Config(kill=KillConfig(recheck_pressure=False, min_interval_ms=0),
                  metrics=MetricsConfig(textfile=textfile))
     # Provenance as the daemon's builder makes it: the kernel release comes from there.
-    killer = Killer(LinuxSyscalls(), ProcFs(), options=KillOptions.from_config(cfg.kill),
-                    provenance=provenance.collect(cfg.digest()))
-    sink = ListSink()
-    return Daemon(cfg, source=Scripted(), killer=killer, table=table, sink=sink), sink
+    return scoped_daemon(cg, cfg, provenance.collect(cfg.digest()))
 
 
 def _kill_one(cg: object, textfile: Path) -> tuple[ListSink, list[dict[str, object]], int]:
@@ -124,23 +99,6 @@ def test_an_unwritable_textfile_costs_the_kill_nothing(cgroup: object, tmp_path:
     failed = [e for e in logs if e["event"] == "metrics.write_failed"]
     assert len(failed) == 1 and failed[0]["path"] == str(prom), logs
     assert not prom.parent.exists(), "the metrics directory is the operator's to make, never created"
-
-
-@pytest.fixture
-def tracefs_root() -> Iterator[Path]:
-    for root in DEFAULT_ROOTS:
-        if (root / "instances").is_dir():
-            yield root
-            return
-    root = DEFAULT_ROOTS[0]
-    out = subprocess.run(["mount", "-t", "tracefs", "nodev", str(root)], capture_output=True, text=True)
-    if out.returncode != 0:
-        pytest.skip(f"tracefs is not mounted and cannot be mounted here: {out.stderr.strip()}")
-    try:
-        yield root
-    finally:
-        if (root / "instances").is_dir() and not any((root / "instances").iterdir()):
-            subprocess.run(["umount", str(root)], capture_output=True)
 
 
 @pytest.fixture

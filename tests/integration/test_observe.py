@@ -6,8 +6,9 @@ observe``, stopped by SIGTERM/SIGINT/--duration). Kills are made by helper proce
 processes the test starts; OOM kills happen inside a v1 memcg with a 32 MiB limit. Every test checks that
 no ``lmkd-py-*`` tracefs instance of this process or of a finished observer is left (autouse fixture).
 
-Mounts: the ``tracefs`` fixture mounts tracefs at /sys/kernel/tracing when it is not mounted yet and
-unmounts it at the end of the module when it mounted it and nobody else has an instance in it.
+Mounts: the ``tracefs_root`` fixture (tests/conftest.py) mounts tracefs at /sys/kernel/tracing when it is
+not mounted yet and unmounts it at the end of the module when it mounted it and nobody else has an instance
+in it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from lmkd_py.config import Config
 from lmkd_py.observe import run_observe
 from lmkd_py.records import KillRecord, ListSink, MreleaseStatus, Outcome, read_records, record_json
 from lmkd_py.stress import PressureCgroup
-from lmkd_py.tracing import DEFAULT_ROOTS
 from tests.conftest import Children, check_no_instance_left, needs_root
 
 pytestmark = [needs_root, pytest.mark.root]
@@ -45,26 +45,9 @@ needs_cgroups = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def tracefs() -> Iterator[Path]:
-    for root in DEFAULT_ROOTS:
-        if (root / "instances").is_dir():
-            yield root
-            return
-    root = DEFAULT_ROOTS[0]
-    out = subprocess.run(["mount", "-t", "tracefs", "nodev", str(root)], capture_output=True, text=True)
-    if out.returncode != 0:
-        pytest.skip(f"tracefs is not mounted and cannot be mounted here: {out.stderr.strip()}")
-    try:
-        yield root
-    finally:
-        if (root / "instances").is_dir() and not any((root / "instances").iterdir()):
-            subprocess.run(["umount", str(root)], capture_output=True)
-
-
 @pytest.fixture(autouse=True)
-def no_instance_left(tracefs: Path) -> Iterator[None]:
-    yield from check_no_instance_left(tracefs)
+def no_instance_left(tracefs_root: Path) -> Iterator[None]:
+    yield from check_no_instance_left(tracefs_root)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -74,12 +57,12 @@ def no_instance_left(tracefs: Path) -> Iterator[None]:
 class ThreadObserver:
     """``run_observe`` on a thread of this process, records into a ListSink."""
 
-    def __init__(self, tracefs: Path, cgroup: Path | None = None, **options: Any) -> None:
+    def __init__(self, tracefs_root: Path, cgroup: Path | None = None, **options: Any) -> None:
         self.sink = ListSink()
         self.rc: int | None = None
         self._stop = threading.Event()
         self._rfd, self._wfd = os.pipe()
-        self._args: dict[str, Any] = {"cgroup": cgroup, "tracefs_root": tracefs, **options}
+        self._args: dict[str, Any] = {"cgroup": cgroup, "tracefs_root": tracefs_root, **options}
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
@@ -119,9 +102,9 @@ class ThreadObserver:
 
 
 @pytest.fixture
-def observer(tracefs: Path) -> Iterator[ThreadObserver]:
+def observer(tracefs_root: Path) -> Iterator[ThreadObserver]:
     with capture_logs() as logs:
-        obs = ThreadObserver(tracefs)
+        obs = ThreadObserver(tracefs_root)
         obs.start(logs)
         try:
             yield obs
@@ -397,9 +380,9 @@ def test_oom_reaper_start_and_finish_are_recorded(observer: ThreadObserver, memc
 # Scope, noise, and the command's life
 
 @needs_cgroups
-def test_cgroup_scope_records_only_victims_inside(tracefs: Path, children: Children) -> None:
+def test_cgroup_scope_records_only_victims_inside(tracefs_root: Path, children: Children) -> None:
     with PressureCgroup(f"lmkd-py-test-observe-scope-{os.getpid()}", limit_mib=None) as cg, capture_logs() as logs:
-        obs = ThreadObserver(tracefs, cgroup=cg.v2_path)
+        obs = ThreadObserver(tracefs_root, cgroup=cg.v2_path)
         obs.start(logs)
         try:
             inside, outside = children.victim(16), children.victim(16)
@@ -416,9 +399,9 @@ def test_cgroup_scope_records_only_victims_inside(tracefs: Path, children: Child
             obs.stop()
 
 
-def test_without_mrelease_tracing_kills_are_still_recorded(tracefs: Path, children: Children) -> None:
+def test_without_mrelease_tracing_kills_are_still_recorded(tracefs_root: Path, children: Children) -> None:
     with capture_logs() as logs:
-        obs = ThreadObserver(tracefs, trace_mrelease=False)
+        obs = ThreadObserver(tracefs_root, trace_mrelease=False)
         obs.start(logs)
         try:
             ready = next(e for e in logs if e.get("event") == "observe.ready")
@@ -470,7 +453,7 @@ SHORT_LIVED = textwrap.dedent(
 
 
 def test_short_lived_processes_make_no_records(
-    tmp_path: Path, tracefs: Path, cli_observers: list[CliObserver], children: Children
+    tmp_path: Path, tracefs_root: Path, cli_observers: list[CliObserver], children: Children
 ) -> None:
     records = tmp_path / "observed.jsonl"
     obs = CliObserver(records)
@@ -496,15 +479,15 @@ def test_short_lived_processes_make_no_records(
     ours = [r for r in got.records if r.victim.pid in short_lived | {last.pid}]
     assert [r.victim.pid for r in ours] == [last.pid], [record_json(r) for r in ours]
     assert ours[0].killer is not None and ours[0].killer.pid == os.getpid()
-    assert not [p for p in (tracefs / "instances").iterdir() if p.name.startswith(f"lmkd-py-{obs.proc.pid}")]
+    assert not [p for p in (tracefs_root / "instances").iterdir() if p.name.startswith(f"lmkd-py-{obs.proc.pid}")]
 
 
 def test_command_stops_cleanly_and_sweeps_stale_instances(
-    tmp_path: Path, tracefs: Path, cli_observers: list[CliObserver]
+    tmp_path: Path, tracefs_root: Path, cli_observers: list[CliObserver]
 ) -> None:
     dead = subprocess.Popen(["true"])
     dead.wait()
-    stale = tracefs / "instances" / f"lmkd-py-{dead.pid}-observe"  # as a crashed observer leaves it
+    stale = tracefs_root / "instances" / f"lmkd-py-{dead.pid}-observe"  # as a crashed observer leaves it
     stale.mkdir()
     try:
         for how in ("sigint", "duration"):
@@ -513,12 +496,13 @@ def test_command_stops_cleanly_and_sweeps_stale_instances(
             cli_observers.append(obs)
             ready = obs.wait_ready()
             assert not stale.exists()
-            assert ready["instance"] == str(tracefs / "instances" / f"lmkd-py-{obs.proc.pid}-observe")
-            assert (tracefs / "instances" / f"lmkd-py-{obs.proc.pid}-observe-exit").is_dir()
+            assert ready["instance"] == str(tracefs_root / "instances" / f"lmkd-py-{obs.proc.pid}-observe")
+            assert (tracefs_root / "instances" / f"lmkd-py-{obs.proc.pid}-observe-exit").is_dir()
             rc = obs.stop(signal.SIGINT if how == "sigint" else None)
             assert rc == 0, obs.lines
             assert any('"observe.stop"' in line for line in obs.lines)
-            assert not [p for p in (tracefs / "instances").iterdir() if p.name.startswith(f"lmkd-py-{obs.proc.pid}")]
+            ours = f"lmkd-py-{obs.proc.pid}"
+            assert not [p for p in (tracefs_root / "instances").iterdir() if p.name.startswith(ours)]
     finally:
         if stale.exists():
             stale.rmdir()

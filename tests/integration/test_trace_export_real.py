@@ -18,28 +18,11 @@ import pytest
 from lmkd_py.killer import Killer
 from lmkd_py.records import Outcome, RecordWriter
 from lmkd_py.syscalls import LinuxSyscalls
-from lmkd_py.tracing import DEFAULT_ROOTS, open_tracer
+from lmkd_py.tracing import open_tracer
 from tests.conftest import Children, check_no_instance_left, needs_root
 from tests.unit.test_trace_export import check_format, slices
 
 pytestmark = [needs_root, pytest.mark.root]
-
-
-@pytest.fixture(scope="module")
-def tracefs_root() -> Iterator[Path]:
-    for root in DEFAULT_ROOTS:
-        if (root / "instances").is_dir():
-            yield root
-            return
-    root = DEFAULT_ROOTS[0]
-    out = subprocess.run(["mount", "-t", "tracefs", "nodev", str(root)], capture_output=True, text=True)
-    if out.returncode != 0:
-        pytest.skip(f"tracefs is not mounted and cannot be mounted here: {out.stderr.strip()}")
-    try:
-        yield root
-    finally:
-        if (root / "instances").is_dir() and not any((root / "instances").iterdir()):
-            subprocess.run(["umount", str(root)], capture_output=True)
 
 
 @pytest.fixture(autouse=True)
