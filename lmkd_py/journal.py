@@ -36,8 +36,6 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from lmkd_py.text import printable
-
 if TYPE_CHECKING:
     import socket
 
@@ -243,6 +241,24 @@ class JournalSender:
 # --- one kill record as a journal entry ------------------------------------------------------------
 
 
+def readable(text: str, max_chars: int) -> str:
+    """``text`` for the MESSAGE: one line, every character Python calls unprintable (controls, format and
+    bidi characters, separators, lone surrogates) escaped, cut to ``max_chars`` with an ellipsis.
+    Not ``text.printable``: its tables cost the daemon ~0.4 MiB resident for a few short names."""
+    if len(text) > max_chars:
+        text = text[:max_chars] + "…"
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
+
+
+def _escape(c: str) -> str:
+    code = ord(c)
+    if c in "\n\r\t":
+        return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}[c]
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
 def _ms(ns: int | None) -> str | None:
     return f"{ns / 1e6:.3f}" if ns is not None else None
 
@@ -262,9 +278,9 @@ def describe(record: KillRecord) -> str:
     low_mem_and_thrashing: exit after 41 ms, memory back after 120 ms``. Control characters of the
     victim's name are escaped."""
     v = record.victim
-    comm = printable(v.comm or "?", max_chars=MAX_COMM_BYTES)
+    comm = readable(v.comm or "?", MAX_COMM_BYTES)
     who = f"{comm} (pid {v.pid}" + (f", {_size(v.rss_kib)})" if v.rss_kib is not None else ")")
-    reason = printable((record.pressure.kill_reason if record.pressure else None) or "memory pressure", max_chars=80)
+    reason = readable((record.pressure.kill_reason if record.pressure else None) or "memory pressure", 80)
     outcome = record.outcome.value
     after = []
     if record.kill_to_exit_ns is not None:
@@ -291,11 +307,11 @@ def describe(record: KillRecord) -> str:
         if k is not None and k.kind == "kernel_oom":
             by = "the kernel's OOM killer"
         elif k is not None and (k.comm or k.pid is not None):
-            by = printable(k.comm or "?", max_chars=MAX_COMM_BYTES) + (f" (pid {k.pid})" if k.pid is not None else "")
+            by = readable(k.comm or "?", MAX_COMM_BYTES) + (f" (pid {k.pid})" if k.pid is not None else "")
         else:
             by = "another process"
         return f"{by} killed {who}{timing}"
-    error = printable(record.error or "unknown error", max_chars=200)
+    error = readable(record.error or "unknown error", 200)
     return f"failed to kill {who} for {reason}: {error}"
 
 

@@ -284,3 +284,12 @@ def test_no_prefix_off_the_journal() -> None:
     finally:
         structlog.reset_defaults()
     assert json.loads(out.getvalue())["event"] == "w"
+
+
+def test_the_message_escapes_what_could_forge_or_hide_text() -> None:
+    assert journal.readable("firefox", 64) == "firefox"
+    assert journal.readable("a\nb\r\tc\x1b[2J\x7f", 64) == "a\\nb\\r\\tc\\x1b[2J\\x7f"
+    assert journal.readable("evil\u202egnp.exe\u200b", 64) == "evil\\u202egnp.exe\\u200b"  # bidi, zero-width
+    assert journal.readable("x\udc80y\u2028", 64) == "x\\udc80y\\u2028"  # lone surrogate, line separator
+    assert journal.readable("ünïcödé 名前", 64) == "ünïcödé 名前"  # any script is kept
+    assert journal.readable("a" * 100, 10) == "a" * 10 + "…"
