@@ -57,6 +57,8 @@ MUST_ALLOW = [
     "bind",
     "sendto",
     "sendmsg",
+    "memfd_create",  # a journal entry too big for one datagram (lmkd_py/journal.py)
+    "fcntl",  # ... sealed before it is sent
     "recvfrom",
     "recvmsg",
     "openat",
