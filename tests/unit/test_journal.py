@@ -8,7 +8,7 @@ import io
 import json
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -41,6 +41,23 @@ def receiver(tmp_path: Path) -> Iterator[JournalReceiver]:
         yield r
     finally:
         r.close()
+
+
+NewSender = Callable[[str], JournalSender]
+
+
+@pytest.fixture
+def new_sender() -> Iterator[Callable[[str], JournalSender]]:
+    """Makes senders to an address and closes them after the test (no socket left to the collector)."""
+    made: list[JournalSender] = []
+
+    def make_sender(address: str) -> JournalSender:
+        made.append(JournalSender(address))
+        return made[-1]
+
+    yield make_sender
+    for sender in made:
+        sender.close()
 
 
 def record(**kw: object) -> KillRecord:
@@ -114,8 +131,8 @@ def test_stderr_is_journal_compares_device_and_inode(tmp_path: Path) -> None:
 # --- the kill entry ---------------------------------------------------------------------------------
 
 
-def test_kill_entry_over_a_real_socket(receiver: JournalReceiver) -> None:
-    sender = JournalSender(str(receiver.path))
+def test_kill_entry_over_a_real_socket(receiver: JournalReceiver, new_sender: NewSender) -> None:
+    sender = new_sender(str(receiver.path))
     assert sender.kill(record())
     e = receiver.recv()
     assert not e.via_memfd
@@ -142,10 +159,12 @@ def test_kill_entry_over_a_real_socket(receiver: JournalReceiver) -> None:
     assert not receiver.pending()  # one record, one entry
 
 
-def test_hostile_comm_and_cmdline_cannot_add_fields_and_are_bounded(receiver: JournalReceiver) -> None:
+def test_hostile_comm_and_cmdline_cannot_add_fields_and_are_bounded(
+    receiver: JournalReceiver, new_sender: NewSender
+) -> None:
     comm = "x\nLMKD_OUTCOME=killed\nPRIORITY=0\nMESSAGE=forged"
     cmdline = "evil\nLMKD_VICTIM_PID=1\n" + "A" * 1_000_000
-    sender = JournalSender(str(receiver.path))
+    sender = new_sender(str(receiver.path))
     assert sender.kill(record(outcome=Outcome.DRY_RUN, dry_run=True,
                               victim=Victim(pid=77, comm=comm, cmdline=cmdline, rss_kib=100)))
     e = receiver.recv()
@@ -180,10 +199,10 @@ def test_messages_for_every_outcome() -> None:
     assert prio[Outcome.KILLED] == "4" and prio[Outcome.EXIT_TIMEOUT] == prio[Outcome.SIGNAL_FAILED] == "3"
 
 
-def test_the_daemon_sends_one_entry_per_record_stored(receiver: JournalReceiver) -> None:
+def test_the_daemon_sends_one_entry_per_record_stored(receiver: JournalReceiver, new_sender: NewSender) -> None:
     """Through Daemon._store, as the loop runs it: the record the sink got and the entry agree."""
     d, (clock, _src, _table, _killer, sink) = make()
-    d.journal = JournalSender(str(receiver.path))
+    d.journal = new_sender(str(receiver.path))
     d.handle([ev(CRIT, clock)])
     (rec,) = sink.records
     e = receiver.recv()
@@ -195,8 +214,8 @@ def test_the_daemon_sends_one_entry_per_record_stored(receiver: JournalReceiver)
 # --- failures stay on the side --------------------------------------------------------------------
 
 
-def test_no_socket_is_logged_once_and_never_raised(tmp_path: Path) -> None:
-    sender = JournalSender(str(tmp_path / "missing.sock"))
+def test_no_socket_is_logged_once_and_never_raised(tmp_path: Path, new_sender: NewSender) -> None:
+    sender = new_sender(str(tmp_path / "missing.sock"))
     with capture_logs() as logs:
         assert not sender.kill(record())
         assert not sender.kill(record())
@@ -206,9 +225,9 @@ def test_no_socket_is_logged_once_and_never_raised(tmp_path: Path) -> None:
     assert logs[0]["errno"] == 2
 
 
-def test_a_full_queue_drops_entries_instead_of_blocking(receiver: JournalReceiver) -> None:
+def test_a_full_queue_drops_entries_instead_of_blocking(receiver: JournalReceiver, new_sender: NewSender) -> None:
     """The socket is non-blocking: with nobody reading, sends fail with EAGAIN and return at once."""
-    sender = JournalSender(str(receiver.path))
+    sender = new_sender(str(receiver.path))
     with capture_logs() as logs:
         results = [sender.kill(record()) for _ in range(2000)]
     assert any(results) and not all(results)
@@ -219,8 +238,10 @@ def test_a_full_queue_drops_entries_instead_of_blocking(receiver: JournalReceive
     assert sender.kill(record())  # the journal drained: entries go through again
 
 
-def test_a_record_that_cannot_be_described_is_logged_not_raised(receiver: JournalReceiver) -> None:
-    sender = JournalSender(str(receiver.path))
+def test_a_record_that_cannot_be_described_is_logged_not_raised(
+    receiver: JournalReceiver, new_sender: NewSender
+) -> None:
+    sender = new_sender(str(receiver.path))
     with capture_logs() as logs:
         assert not sender.kill(object())  # type: ignore[arg-type]
     assert logs[0]["event"] == "journal.send_failed" and "cannot describe" in logs[0]["reason"]
@@ -239,15 +260,17 @@ def test_disabled_sender_sends_nothing(tmp_path: Path, monkeypatch: pytest.Monke
     assert not JournalSender(None).kill(record())
 
 
-def test_an_entry_too_big_for_a_datagram_goes_through_a_sealed_memfd(receiver: JournalReceiver) -> None:
-    big = [(f"LMKD_TEST_{i}", "v" * 4000) for i in range(100)]  # ~400 KB: over the default wmem (212992)
-    sndbuf = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-    assert sum(len(n) + len(v) for n, v in big) > sndbuf
-    sender = JournalSender(str(receiver.path))
+def test_an_entry_too_big_for_a_datagram_goes_through_a_sealed_memfd(
+    receiver: JournalReceiver, new_sender: NewSender
+) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+        sndbuf = probe.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)  # a datagram's limit (wmem_default)
+    big = [(f"LMKD_TEST_{i}", "v" * 4000) for i in range(sndbuf // 4000 + 10)]
+    sender = new_sender(str(receiver.path))
     assert sender.send(big)
     e = receiver.recv()
     assert e.via_memfd
-    assert e.fields[:100] == [(n, v.encode()) for n, v in big] and e["SYSLOG_IDENTIFIER"] == "lmkd-py"
+    assert e.fields[: len(big)] == [(n, v.encode()) for n, v in big] and e["SYSLOG_IDENTIFIER"] == "lmkd-py"
     assert sender.send([("MESSAGE", "small again")])
     assert not receiver.recv().via_memfd
 
