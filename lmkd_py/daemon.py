@@ -30,6 +30,7 @@ import structlog
 from lmkd_py.builder import Builder
 from lmkd_py.candidates import CandidateTable
 from lmkd_py.config import NEVER_KILL_ADJ, Config, ConfigError
+from lmkd_py.journal import JournalSender
 from lmkd_py.killer import Killer, KillOptions
 from lmkd_py.metrics import Metrics
 from lmkd_py.policy import Choice, hard_exclusion
@@ -78,6 +79,7 @@ def build(
     wake_fd: int | None = None,
     procfs: ProcFs | None = None,
     notifier: Notifier | None = None,
+    journal: JournalSender | None = None,
 ) -> Daemon:
     """Assemble a daemon that owns its parts. Raises OSError when no pressure source can be had at
     all and TracingUnavailable when ``tracing = "on"`` cannot be honoured; nothing is left open then."""
@@ -92,7 +94,8 @@ def build(
     hold = cfg.candidates.recheck_top + cfg.kill.max_attempts
     table = CandidateTable(builder.proc, builder.rules(cfg), scope_dir=scope_dir, clock=time.monotonic_ns,
                            pidfd_open=killer.sys.pidfd_open, hold=hold)
-    return Daemon(cfg, source=source, killer=killer, table=table, sink=sink, notifier=notifier, builder=builder)
+    return Daemon(cfg, source=source, killer=killer, table=table, sink=sink, notifier=notifier, builder=builder,
+                  journal=journal)
 
 
 class Daemon:
@@ -108,6 +111,7 @@ class Daemon:
         notifier: Notifier | None = None,
         builder: Builder | None = None,
         metrics: Metrics | None = None,
+        journal: JournalSender | None = None,
     ) -> None:
         self.cfg = cfg
         self.source = source
@@ -126,6 +130,8 @@ class Daemon:
         self.stats = Stats()
         # Fed from the records written (_store), so metrics and records never disagree.
         self.metrics = metrics or Metrics(cfg.metrics.textfile, mode="kill", read_pressure=self._read_avg10)
+        # One structured journal entry per record stored (journal.py); None or disabled off systemd.
+        self.journal = journal
         self.stop_requested = False
         self.reload_requested = False
         self.stuck: set[tuple[int, int]] = set()  # (pid, start time) of victims that did not exit
@@ -156,6 +162,8 @@ class Daemon:
         if self.killer.tracer is not None:
             self.killer.tracer.close()
         self.source.close()
+        if self.journal is not None:
+            self.journal.close()
 
     def __enter__(self) -> Daemon:
         return self
@@ -492,6 +500,8 @@ class Daemon:
             "mem_back_ms": _ms(record.kill_to_mem_recovered_ns)})
         stored = self.sink.write(record)
         self.metrics.record(record, stored=stored)
+        if self.journal is not None:
+            self.journal.kill(record)  # never raises; a failure is logged once
         if not stored:
             self.stats.records_dropped += 1
             log.error("records.dropped", dropped=self.stats.records_dropped,

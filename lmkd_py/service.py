@@ -116,6 +116,7 @@ def cmd_daemon(args: argparse.Namespace, pending: PendingConfig | None = None) -
 
 
 def _serve(cfg: Config, args: argparse.Namespace) -> int:
+    from lmkd_py.journal import JournalSender
     from lmkd_py.sdnotify import SdNotifier
     from lmkd_py.tracing import TracingUnavailable
 
@@ -131,7 +132,7 @@ def _serve(cfg: Config, args: argparse.Namespace) -> int:
     old_wakeup = signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
     try:
         try:
-            daemon = build(cfg, sink=writer, wake_fd=rfd, notifier=notifier)
+            daemon = build(cfg, sink=writer, wake_fd=rfd, notifier=notifier, journal=JournalSender.from_env())
         except TracingUnavailable as exc:
             raise OSError(f"tracing = \"on\" but the kernel timeline is unavailable: {exc.reason}") from None
         with daemon:

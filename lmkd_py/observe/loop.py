@@ -44,6 +44,7 @@ import structlog
 from lmkd_py import __version__, provenance
 from lmkd_py import log as logsetup
 from lmkd_py.config import Config, ConfigError, load_config_isolated
+from lmkd_py.journal import JournalSender
 from lmkd_py.metrics import Metrics
 from lmkd_py.observe.health import TRACEFS_RETRY_NS, keep_status, kill_summary, open_trace, waiting_state
 from lmkd_py.observe.procs import MemSampler, WarmTable, read_pidfd_target, read_task_facts, read_victim_facts
@@ -86,6 +87,7 @@ class Observer:
         warm_min_rss_kib: int,
         warm_refresh_ns: int,
         log: Any,
+        journal: JournalSender | None = None,
     ) -> None:
         self.trace = trace
         self.listener = listener
@@ -119,6 +121,8 @@ class Observer:
         self.scope_dir = scope_dir
         # Fed from the records written (_write), so metrics and records never disagree.
         self.metrics = Metrics(cfg.metrics.textfile, mode="observe", read_pressure=self._read_avg10)
+        # One structured journal entry per record written (journal.py); None or disabled off systemd.
+        self.journal = journal
 
     def _read_avg10(self) -> tuple[float | None, float | None] | None:
         """For the metrics' slow rewrite: memory PSI avg10 (some, full) of the scope now, or None."""
@@ -247,6 +251,8 @@ class Observer:
         )
         stored = self.sink.write(record)
         self.metrics.record(record, stored=stored)
+        if self.journal is not None:
+            self.journal.kill(record)  # never raises; a failure is logged once
         if stored:
             self.written += 1
         else:
@@ -290,6 +296,7 @@ def run_observe(
     status: StatusFile | None = None,
     tracefs_retry_ns: int | None = None,
     take_hup: Callable[[], bool] | None = None,
+    journal: JournalSender | None = None,
 ) -> int:
     """Observe until ``stop()`` is true or ``duration_ns`` passed; pending kills are then written as
     they stand. Returns 0, or 1 when observing cannot start here (not root, no usable tracefs, ``cgroup``
@@ -302,6 +309,7 @@ def run_observe(
     ``status``: the status file to keep (``lmkd-py status``). ``tracefs_retry_ns``: as a service, wait
     for a usable tracefs, trying again this often, instead of returning 1 (see ``health``).
     ``take_hup``: whether a SIGHUP came since the last call (answered as a reload, see ``keep``).
+    ``journal``: where each record also goes as a structured journal entry (closed on the way out).
     """
     log = structlog.get_logger("lmkd_py.observe")
     if os.geteuid() != 0:
@@ -340,6 +348,7 @@ def run_observe(
         obs = Observer(
             cfg, trace, listener, sink=sink, proc=procfs or ProcFs(), scope_cgroup=scope,
             scope_dir=cgroup, warm_min_rss_kib=warm_min_rss_kib, warm_refresh_ns=warm_refresh_ns, log=log,
+            journal=journal,
         )
         poller = select.poll()
         for fd in trace.signal.fds():
@@ -380,6 +389,8 @@ def run_observe(
         if listener is not None:
             listener.close()
         trace.close()
+        if journal is not None:
+            journal.close()
 
 
 @dataclass(frozen=True)
@@ -505,6 +516,7 @@ def serve(
                 warm_refresh_ns=cfg.observe.refresh_interval_ms * 1_000_000,
                 trace_mrelease=cfg.observe.trace_mrelease, notifier=SdNotifier.from_env(), status=status,
                 tracefs_retry_ns=TRACEFS_RETRY_NS if wait_for_tracefs else None, take_hup=take_hup,
+                journal=JournalSender.from_env(),
             )
         finally:
             if status is not None:

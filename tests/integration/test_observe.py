@@ -30,10 +30,12 @@ import pytest
 from structlog.testing import capture_logs
 
 from lmkd_py.config import Config
+from lmkd_py.journal import JournalSender
 from lmkd_py.observe import run_observe
 from lmkd_py.records import KillRecord, ListSink, MreleaseStatus, Outcome, read_records, record_json
 from lmkd_py.stress import PressureCgroup
 from tests.conftest import Children, check_no_instance_left, needs_root
+from tests.journald import JournalReceiver
 
 pytestmark = [needs_root, pytest.mark.root]
 
@@ -418,6 +420,65 @@ def test_without_mrelease_tracing_kills_are_still_recorded(tracefs_root: Path, c
     k = rec.kernel
     assert k is not None and k.mrelease_enter_ns is None and k.exit_mmap_ns is not None and k.reap_total_ns is None
     _assert_exit(rec)
+
+
+# A victim whose name tries to smuggle a field into the journal entry (comm holds 15 bytes).
+HOSTILE_COMM = "x\nLMKD_OUTCOME="
+HOSTILE_VICTIM = textwrap.dedent(
+    """
+    import ctypes, sys, time
+    ctypes.CDLL(None).prctl(15, sys.argv[1].encode(), 0, 0, 0)  # PR_SET_NAME
+    b = bytearray(32 << 20)
+    b[::4096] = b"\\1" * len(range(0, 32 << 20, 4096))
+    print("ready", flush=True)
+    time.sleep(3600)
+    """
+)
+
+
+def test_each_observed_kill_is_a_structured_journal_entry(
+    tracefs: Path, children: Children, tmp_path: Path
+) -> None:
+    """Issue 14 item 6: the record observe writes also goes, field by field, to a socket speaking
+    journald's native protocol; the victim's hostile name stays inside its own field."""
+    receiver = JournalReceiver(tmp_path / "journal.sock")
+    try:
+        with capture_logs() as logs:
+            obs = ThreadObserver(tracefs, journal=JournalSender(str(receiver.path)))
+            obs.start(logs)
+            try:
+                victim = subprocess.Popen([sys.executable, "-c", HOSTILE_VICTIM, HOSTILE_COMM],
+                                          stdout=subprocess.PIPE, text=True)
+                children.procs.append(victim)
+                assert victim.stdout is not None and victim.stdout.readline().strip() == "ready"
+                assert Path(f"/proc/{victim.pid}/comm").read_text() == HOSTILE_COMM + "\n"
+                time.sleep(0.3)  # a warm-table refresh sees it
+                out = subprocess.run([sys.executable, "-c", FOREIGN_KILLER, str(victim.pid)], capture_output=True,
+                                     text=True, timeout=30)
+                assert out.returncode == 0, out.stderr
+                assert victim.wait(10) == -9
+                rec = obs.record_for(victim.pid)
+                entry = receiver.recv()
+            finally:
+                obs.stop()
+    finally:
+        receiver.close()
+    names = [n for n, _ in entry.fields]
+    assert len(names) == len(set(names)), names
+    assert entry["LMKD_OUTCOME"] == "observed" and entry["PRIORITY"] == "5"
+    assert entry["LMKD_VICTIM_PID"] == str(victim.pid) and entry["LMKD_RECORD_ID"] == rec.record_id
+    assert entry.all("LMKD_VICTIM_COMM") == [HOSTILE_COMM.encode()]
+    helper = json.loads(out.stdout)
+    assert entry["LMKD_KILLER"] == "process" and entry["LMKD_KILLER_PID"] == str(helper["pid"])
+    assert rec.kill_to_exit_ns is not None and entry["LMKD_KILL_TO_EXIT_MS"] == f"{rec.kill_to_exit_ns / 1e6:.3f}"
+    k = rec.kernel
+    assert k is not None and k.exit_mmap_ns is not None
+    assert entry["LMKD_EXIT_MMAP_MS"] == f"{k.exit_mmap_ns / 1e6:.3f}"
+    if k.reap_total_ns is not None:
+        assert entry["LMKD_REAP_TOTAL_MS"] == f"{k.reap_total_ns / 1e6:.3f}"
+    message = entry["MESSAGE"]
+    assert "\n" not in message and message.startswith(f"{helper['comm']} (pid {helper['pid']}) killed x\\n")
+    assert "exit after" in message
 
 
 SHORT_LIVED = textwrap.dedent(

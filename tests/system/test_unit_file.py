@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -56,6 +57,8 @@ MUST_ALLOW = [
     "bind",
     "sendto",
     "sendmsg",
+    "memfd_create",  # a journal entry too big for one datagram (lmkd_py/journal.py)
+    "fcntl",  # ... sealed before it is sent
     "recvfrom",
     "recvmsg",
     "openat",
@@ -620,7 +623,9 @@ setpriv --reuid=nobody --regid=nogroup --clear-groups env PYTHONPATH=/opt/lmkd-p
 systemctl show lmkd-py.service -p ActiveState -p SubState -p StatusText -p WatchdogTimestampMonotonic \\
 -p NRestarts; systemctl stop lmkd-py.service; \\
 systemctl show lmkd-py.service -p Result -p ExecMainStatus | sed s/^/after_/; \\
-cp /var/lib/lmkd-py/records.jsonl /out/ 2>/dev/null; journalctl --no-pager -u lmkd-py.service > /out/journal.txt'
+cp /var/lib/lmkd-py/records.jsonl /out/ 2>/dev/null; journalctl --no-pager -u lmkd-py.service > /out/journal.txt; \
+journalctl --no-pager -o json -u lmkd-py.service -p warning > /out/journal-warning.json; \
+journalctl --no-pager -o json -u lmkd-py.service LMKD_OUTCOME=observed > /out/journal-kills.json'
 ExecStartPost=/bin/systemctl poweroff
 """
 
@@ -812,7 +817,12 @@ def test_observe_under_real_systemd_records_a_kill_made_by_another_process(
     etc.mkdir()
     shipped = (REPO / "config" / "lmkd-py.toml").read_text()
     assert shipped.count('\nmode = "kill"\n') == 1
-    (etc / "lmkd-py.toml").write_text(shipped.replace('\nmode = "kill"\n', '\nmode = "observe"\n'))
+    # A metrics file where the sandbox cannot write (/etc is read-only there): logged at error, kills go on,
+    # and `journalctl -p warning` has a line to find (assert_journal_fields).
+    unset_metrics = '\n# textfile = "/var/lib/node_exporter/textfile_collector/lmkd_py.prom"\n'
+    assert shipped.count(unset_metrics) == 1
+    observe_cfg = shipped.replace('\nmode = "kill"\n', '\nmode = "observe"\n')
+    (etc / "lmkd-py.toml").write_text(observe_cfg.replace(unset_metrics, '\ntextfile = "/etc/lmkd-py/lmkd_py.prom"\n'))
     shown, context, out = boot_unit(
         tmp_path, nspawn_cgroups, "/usr/bin/python3 -m lmkd_py.cli --config /etc/lmkd-py/lmkd-py.toml",
         {etc: "/etc/lmkd-py"}, driver=OBSERVE_DRIVER, victim=OBSERVE_VICTIM,
@@ -836,3 +846,29 @@ def test_observe_under_real_systemd_records_a_kill_made_by_another_process(
     assert status["mode"] == "observe" and status["running"] is True
     assert any("/run/lmkd-py/tracefs" in src for src in status["sources"]), status
     assert any((k.get("comm") or "").startswith("lmkd-field-vic") for k in status["last_kills"]), status
+    assert_journal_fields(out, rec, context)
+
+
+def _journal_json(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def assert_journal_fields(out: Path, rec: dict[str, Any], context: str) -> None:
+    """Issue 14 item 6, through the real journald and journalctl: the log lines are filed at their own
+    priority (`-p warning` finds the error about the metrics file, and no info line), and the kill is an
+    entry of the unit that `journalctl LMKD_OUTCOME=observed` finds, fields and all."""
+    warnings = _journal_json(out / "journal-warning.json")
+    assert warnings, f"journalctl -p warning found nothing\n{context}"
+    assert all(int(w["PRIORITY"]) <= 4 for w in warnings), warnings
+    logged = {json.loads(w["MESSAGE"])["event"]: w for w in warnings if str(w.get("MESSAGE", "")).startswith("{")}
+    assert "metrics.write_failed" in logged, warnings
+    failed = logged["metrics.write_failed"]
+    assert failed["PRIORITY"] == "3" and failed["_TRANSPORT"] == "stdout"  # the stream, its <3> honoured
+    kills = [k for k in _journal_json(out / "journal-kills.json")
+             if str(k.get("LMKD_VICTIM_COMM", "")).startswith("lmkd-field-vic")]
+    assert len(kills) == 1, f"{kills}\n{context}"
+    k = kills[0]
+    assert k["_SYSTEMD_UNIT"] == "lmkd-py.service" and k["SYSLOG_IDENTIFIER"] == "lmkd-py"
+    assert k["LMKD_RECORD_ID"] == rec["record_id"] and k["LMKD_VICTIM_PID"] == str(rec["victim"]["pid"])
+    assert k["LMKD_KILLER"] == "process" and k["PRIORITY"] == "5"
+    assert f"killed lmkd-field-vic (pid {rec['victim']['pid']}" in k["MESSAGE"], k["MESSAGE"]
