@@ -60,7 +60,8 @@ def observe_state(obs: Observer, *, scope: str | None) -> dict[str, Any]:
         sources.append(f"scope: cgroup {scope}")
     return {"mode": "observe", "version": obs.provenance.lmkd_py_version, "config_hash": obs.provenance.config_hash,
             "sources": sources, "signals": [], "candidates": [], "last_kills": list(obs.last_kills),
-            "stats": {"written": obs.written, "dropped": obs.dropped, "pending": len(obs.tracker.pending)}}
+            "stats": {"written": obs.written, "dropped": obs.dropped, "pending": len(obs.tracker.pending),
+                      "kills_seen": obs.kills_seen}}
 
 
 def waiting_state(reason: str, config_hash: str | None, version: str | None) -> dict[str, Any]:
