@@ -97,7 +97,8 @@ def _add_stress(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--scenario", help="a preset set of victims, e.g. app-like")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--duration", type=float, help="seconds to hold, then clean up")
-    p.add_argument("--shape", type=Path, help="replay a captured memory shape (lmkd-py shape capture) instead")
+    p.add_argument("--shape", help="replay a captured memory shape (lmkd-py shape capture): a file, or a "
+                                   "catalog name from workloads/ (node-server)")
     p.add_argument("--scale", type=float, default=1.0,
                    help="with --shape: VMA count, memory and threads times this (default 1)")
 

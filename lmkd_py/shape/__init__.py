@@ -9,7 +9,7 @@ Nothing here is imported by the daemon.
 
 from __future__ import annotations
 
-from lmkd_py.shape.capture import CaptureError, capture, read_shape, this_machine, write_shape
+from lmkd_py.shape.capture import CATALOG, CaptureError, capture, find_shape, read_shape, this_machine, write_shape
 from lmkd_py.shape.cli import add_shape_arguments, cmd_shape
 from lmkd_py.shape.compare import ClassFidelity, compare, format_table, within
 from lmkd_py.shape.model import (
@@ -21,12 +21,14 @@ from lmkd_py.shape.model import (
     ShapeVma,
     dumps,
     loads,
+    shape_from_dict,
     shape_to_dict,
 )
 from lmkd_py.shape.plan import Machine, Target, check_fits, replay_plan, target_for
 from lmkd_py.shape.smaps import SmapsVma, classify, parse_mountinfo_devices, parse_smaps
 
 __all__ = [
+    "CATALOG",
     "CLASSES",
     "MAPPED_CLASSES",
     "CaptureError",
@@ -45,12 +47,14 @@ __all__ = [
     "cmd_shape",
     "compare",
     "dumps",
+    "find_shape",
     "format_table",
     "loads",
     "parse_mountinfo_devices",
     "parse_smaps",
     "read_shape",
     "replay_plan",
+    "shape_from_dict",
     "shape_to_dict",
     "target_for",
     "this_machine",

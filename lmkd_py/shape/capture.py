@@ -32,6 +32,8 @@ from lmkd_py.shape.smaps import SmapsParseError, classify, parse_mountinfo_devic
 _STATUS_KEYS: Final = dict(zip(STATUS_FIELDS, ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmSwap", "VmLck",
                                                "VmPTE", "HugetlbPages"), strict=True))
 THP_ROOT: Final = Path("/sys/kernel/mm/transparent_hugepage")
+# The catalog of captured shapes in a checkout (workloads/NAME.json next to lmkd_py/).
+CATALOG: Final = Path(__file__).resolve().parents[2] / "workloads"
 
 
 class CaptureError(RuntimeError):
@@ -107,6 +109,8 @@ def capture(
             unreadable.append(f"{name}: permission denied")
         except (FileNotFoundError, ProcessLookupError):
             unreadable.append(f"{name}: gone")
+        except OSError as exc:  # a zombie's mountinfo gives EINVAL
+            unreadable.append(f"{name}: {exc.strerror}")
         return ""
 
     status = optional("status")
@@ -162,6 +166,16 @@ def capture(
         if warn is not None:
             warn(note)
     return Shape(provenance=prov, threads=threads, vmas=tuple(vmas), status=st, unreadable=tuple(unreadable))
+
+
+def find_shape(arg: str | Path) -> Path:
+    """``arg`` as a path when it names a file, else the catalog's ``workloads/ARG.json`` when ``arg`` is a
+    bare name found there, else ``arg`` as given (reading it then says what is missing)."""
+    path = Path(arg).expanduser()
+    if path.exists() or "/" in str(arg):
+        return path
+    named = CATALOG / f"{arg}.json"
+    return named if named.is_file() else path
 
 
 def read_shape(path: Path) -> Shape:

@@ -6,9 +6,11 @@ a target this machine cannot hold. ``replay_plan`` then subtracts what the repli
 of its own (its interpreter's libraries, heap, stack, thread stacks: the *baseline*, captured from the
 started replica) so that replica = baseline + plan comes out like the target, class by class.
 
-Scaling keeps each VMA's size and multiplies the number of VMAs: a class is sorted by size and VMA i is
-repeated ``floor((i+1)F) - floor(iF)`` times, so the count and the memory both scale by F and the size
-distribution stays that of the original. The heap and the stack (one VMA each) are scaled in size.
+Scaling keeps each VMA's size and multiplies the number of VMAs: a class is sorted by size, largest first,
+and VMA i is repeated ``ceil((i+1)F) - ceil(iF)`` times, so the count scales by F and the size
+distribution stays that of the original; the class's resident and dirty memory are then set to F times
+the original's, spread over the kept VMAs as far as their sizes allow. The heap and the stack (one VMA
+each) are scaled in size.
 """
 
 from __future__ import annotations
@@ -91,10 +93,11 @@ def _scale_one(v: ShapeVma, scale: float, page_kib: int) -> ShapeVma:
 def _scale_class(vmas: Sequence[ShapeVma], scale: float) -> list[ShapeVma]:
     """Stratified repeat/thin of one class (see the module docstring); file numbers are renumbered so
     each copy of a file is a file of its own, numbered from 0."""
-    order = sorted(range(len(vmas)), key=lambda i: (vmas[i].size_kib, vmas[i].rss_kib, i))
+    # Largest first with ceil: the largest VMA is always kept, which is where most memory usually is.
+    order = sorted(range(len(vmas)), key=lambda i: (-vmas[i].size_kib, -vmas[i].rss_kib, i))
     picked: list[tuple[int, int]] = []  # (index in vmas, copy number)
     for rank, i in enumerate(order):
-        copies = math.floor((rank + 1) * scale) - math.floor(rank * scale)
+        copies = math.ceil(round((rank + 1) * scale, 9)) - math.ceil(round(rank * scale, 9))
         picked.extend((i, c) for c in range(copies))
     picked.sort()  # back in address order
     numbers: dict[tuple[int, int], int] = {}
@@ -127,7 +130,18 @@ def target_for(shape: Shape, machine: Machine, scale: float = 1.0) -> Target:
     vmas: list[ShapeVma] = []
     for cls in MAPPED_CLASSES:
         own = [v for v in shape.vmas if v.cls == cls]
-        vmas.extend(own if scale == 1.0 else _scale_class(own, scale))
+        if scale == 1.0:
+            vmas.extend(own)
+            continue
+        # Thinning or repeating whole VMAs scales memory only roughly (one large VMA in or out): the
+        # resident and dirty totals are then set to exactly F times the original's, where sizes allow.
+        scaled = _scale_class(own, scale)
+        for field, cap in (("rss_kib", None), ("dirty_kib", "rss_kib")):
+            want = round(sum(getattr(v, field) for v in own) * scale)
+            scaled = _spread(scaled, field, want - sum(getattr(v, field) for v in scaled), cap, 1)
+            scaled = [dataclasses.replace(v, dirty_kib=min(v.dirty_kib, v.rss_kib), thp_kib=min(v.thp_kib, v.rss_kib))
+                      for v in scaled]
+        vmas.extend(scaled)
     for v in shape.vmas:
         if v.cls in ("heap", "stack"):
             vmas.append(v if scale == 1.0 else _scale_one(v, scale, page_kib))
@@ -162,8 +176,9 @@ def check_fits(target: Target, machine: Machine) -> list[str]:
     if huge and huge > machine.hugetlb_free_kib:
         out.append(f"the shape has {huge} KiB of hugetlb memory; only {machine.hugetlb_free_kib} KiB of free "
                    "huge pages here (vm.nr_hugepages): hugetlb VMAs not replayed")
-    if any(v.thp_kib for v in target.vmas if v.cls != "anon_private"):
-        out.append("THP in shmem or file mappings is replayed as small pages (only anonymous THP is made)")
+    other_thp = sorted({v.cls for v in target.vmas if v.thp_kib and v.cls not in ("anon_private", "special")})
+    if other_thp:
+        out.append(f"THP in {', '.join(other_thp)} is replayed as small pages (only anon_private THP is made)")
     return out
 
 
@@ -192,12 +207,17 @@ def _spread(vmas: list[ShapeVma], field: str, delta: int, cap: str | None, page_
     if total <= 0:
         return vmas
     want = min(abs(delta), total)
-    out = []
-    for v, r in zip(vmas, room, strict=True):
-        share = min(r, _round(want * r // total, page_kib))
-        new = getattr(v, field) + (share if delta > 0 else -share)
-        out.append(dataclasses.replace(v, **{field: new}))
-    return out
+    shares = [min(r, want * r // total // page_kib * page_kib) for r in room]
+    left = want - sum(shares)
+    for i, r in enumerate(room):  # what whole pages of the proportional shares left over, in order
+        if left < page_kib:
+            break
+        extra = min(r - shares[i], left // page_kib * page_kib)
+        shares[i] += extra
+        left -= extra
+    sign = 1 if delta > 0 else -1
+    return [dataclasses.replace(v, **{field: getattr(v, field) + sign * share})
+            for v, share in zip(vmas, shares, strict=True)]
 
 
 def _fit_class(cls: str, target: list[ShapeVma], have: list[ShapeVma], page_kib: int,

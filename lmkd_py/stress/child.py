@@ -462,7 +462,11 @@ def map_shape(libc: _Libc, plan: dict[str, Any], workdir: str, shmdir: str) -> t
         for fd in fds:
             os.close(fd)  # the mappings keep the files alive
         for path in paths:
-            os.unlink(path)  # nothing is left behind, even after a SIGKILL
+            if path.startswith(shmdir + os.sep):
+                os.unlink(path)  # shmem dies with its last mapping, as a memfd does
+    # Disk files stay linked until the parent removes their directory after this process is gone: a
+    # program's mapped files (its libraries) outlive it, and deleting inodes in the exit path (the last
+    # fput of an unlinked file) would add work to kill->exit that the original never does.
     # Give back what no piece took, except the two guard pages at the ends.
     prev = base + page
     for lo, hi in placed:

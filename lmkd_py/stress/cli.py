@@ -148,10 +148,10 @@ def options_from_args(
     if shape_path is not None:
         if scenario is not None:
             raise ValueError("--shape and --scenario exclude each other")
-        from lmkd_py.shape import read_shape  # ShapeError is a ValueError: the caller reports it
+        from lmkd_py.shape import find_shape, read_shape  # ShapeError is a ValueError: the caller reports it
 
         try:
-            shape = read_shape(Path(shape_path))
+            shape = read_shape(find_shape(shape_path))
         except OSError as exc:
             raise ValueError(f"--shape {shape_path}: {exc.strerror or exc}") from None
         specs = []

@@ -3,8 +3,9 @@ shape family plans for it.
 
 The child starts its threads and says so; this side then captures the child's own memory (the
 *baseline*: interpreter, libraries, thread stacks), plans what is still missing class by class, and
-sends that plan; the child maps it (files it creates in ``workdir``, shmem files in a directory of its
-own under ``/dev/shm``, both unlinked as soon as they are mapped) and says it is ready. Everything the
+sends that plan; the child maps it (disk files it creates in a directory of its own under ``workdir``,
+removed by this side once the child is gone; shmem files in a directory of its own under ``/dev/shm``,
+unlinked as soon as they are mapped) and says it is ready. Everything the
 machine cannot hold is refused before the child is started.
 """
 
@@ -33,29 +34,31 @@ class ShapeVictim(_Child):
 
     what = "shape replica"
 
-    def __init__(self, popen: subprocess.Popen[bytes], target: Target, shmdir: Path | None) -> None:
+    def __init__(self, popen: subprocess.Popen[bytes], target: Target, shmdir: Path, filedir: Path) -> None:
         super().__init__(popen)
         self.target = target
         self.shmdir = shmdir
+        self.filedir = filedir
         self.warnings: list[str] = list(target.warnings)
         self.baseline: Shape | None = None
 
     def _on_ready(self, ready: dict[str, Any]) -> None:
         self.warnings.extend(str(w) for w in ready.get("warnings", []))
-        self._remove_shmdir()
+        shutil.rmtree(self.shmdir, ignore_errors=True)  # its files were unlinked once mapped
 
-    def _remove_shmdir(self) -> None:
-        if self.shmdir is not None:
-            shutil.rmtree(self.shmdir, ignore_errors=True)
+    def _remove_files(self) -> None:
+        """Once the child is gone (reaped): its directories and the files in them."""
+        shutil.rmtree(self.shmdir, ignore_errors=True)
+        shutil.rmtree(self.filedir, ignore_errors=True)
 
     def kill(self) -> None:
         super().kill()
-        self._remove_shmdir()
+        self._remove_files()
 
     def wait_exit(self, timeout_s: float) -> int | None:
         rc = super().wait_exit(timeout_s)
         if rc is not None:
-            self._remove_shmdir()
+            self._remove_files()
         return rc
 
 
@@ -89,14 +92,20 @@ def spawn_shape_victim(
     target = target_for(shape, machine, scale)
     check_fits(target, machine)  # raises before anything exists
     work = workdir if workdir is not None else Path(tempfile.gettempdir())
-    shmdir = _shmdir(work)
+    filedir = Path(tempfile.mkdtemp(prefix="lmkd-py-shape-", dir=work))
+    try:
+        shmdir = _shmdir(work)
+    except BaseException:
+        shutil.rmtree(filedir, ignore_errors=True)
+        raise
     cfg: dict[str, Any] = {"mode": "shape", "adj": adj, "comm": VICTIM_COMM, "threads": target.threads,
-                           "workdir": str(work), "shmdir": str(shmdir)}
+                           "workdir": str(filedir), "shmdir": str(shmdir)}
     try:
         # LC_ALL=C: the interpreter then maps no locale files, one VMA fewer of its own in file_private.
-        victim = ShapeVictim(_start(cfg, python, cgroup, env={"LC_ALL": "C"}), target, shmdir)
+        victim = ShapeVictim(_start(cfg, python, cgroup, env={"LC_ALL": "C"}), target, shmdir, filedir)
     except BaseException:
         shutil.rmtree(shmdir, ignore_errors=True)
+        shutil.rmtree(filedir, ignore_errors=True)
         raise
     try:
         victim._next_message(baseline_timeout_s, "started")
