@@ -185,6 +185,10 @@ def fidelity(program: Program, argv: list[str], work: Path, save: Path | None) -
     print(f"   {program.version()}; {len(shape.vmas)} VMAs, {shape.rss_kib / 1024:.1f} MiB resident, "
           f"{shape.threads} threads (replica: {copy.threads})")
     print(format_table(rows), end="")
+    thp = [sum(v.thp_kib for v in x.vmas) / 1024 for x in (shape, copy)]
+    dirty = [sum(v.dirty_kib for v in x.vmas) / 1024 for x in (shape, copy)]
+    print(f"THP MiB: original {thp[0]:.1f}, replica {thp[1]:.1f}; dirty MiB: original {dirty[0]:.1f}, "
+          f"replica {dirty[1]:.1f}")
     # Classes under 1 MiB resident are judged on 64 KiB (a 5 % of a few pages is less than one page).
     ok = all(within(r, 0.05, floor_kib=64) for r in rows)
     print(f"fidelity {program.name}: {'all classes within 5 %' if ok else 'NOT all classes within 5 %'}")

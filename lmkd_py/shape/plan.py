@@ -244,6 +244,7 @@ def replay_plan(target: Target, baseline: Shape, machine: Machine) -> tuple[dict
     the stress child executes, and the warnings. All sizes in the object are bytes."""
     warnings = check_fits(target, machine)
     page_kib = machine.page_size // 1024
+    huge_kib = machine.hugepage_kib or 2048
     pieces: list[list[Any]] = []
     files: list[list[Any]] = []
     # The replica's reservation keeps a PROT_NONE guard page at each end (stress child): two VMAs of its own.
@@ -264,8 +265,10 @@ def replay_plan(target: Target, baseline: Shape, machine: Machine) -> tuple[dict
                 file_index = numbers[v.file]
                 files[file_index][1] += v.size_kib * 1024
             swap = v.swap_kib if machine.swap_total_kib else 0
-            pieces.append([cls, v.prot, v.size_kib * 1024, v.rss_kib * 1024, v.dirty_kib * 1024,
-                           v.thp_kib * 1024 if cls == "anon_private" else 0, swap * 1024,
+            # Whole huge pages only: a partly wanted one would be faulted in whole (2 MiB for one page).
+            thp = v.thp_kib // huge_kib * huge_kib if cls == "anon_private" else 0
+            pieces.append([cls, v.prot, v.size_kib * 1024, v.rss_kib * 1024, v.dirty_kib * 1024, thp * 1024,
+                           swap * 1024,
                            1 if v.locked_kib else 0, file_index])
     heap = target.of("heap")
     stack = target.of("stack")
