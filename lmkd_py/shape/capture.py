@@ -169,13 +169,17 @@ def capture(
 
 
 def find_shape(arg: str | Path) -> Path:
-    """``arg`` as a path when it names a file, else the catalog's ``workloads/ARG.json`` when ``arg`` is a
-    bare name found there, else ``arg`` as given (reading it then says what is missing)."""
+    """``arg`` as a path when it names a file; else ``workloads/...`` relative to this checkout, or the
+    catalog's ``workloads/ARG.json`` for a bare name; else ``arg`` as given (reading it then says what is
+    missing)."""
     path = Path(arg).expanduser()
-    if path.exists() or "/" in str(arg):
+    if path.exists():
         return path
+    in_checkout = CATALOG.parent / path  # "workloads/NAME.json" from any directory
+    if not path.is_absolute() and path.parts[:1] == (CATALOG.name,) and in_checkout.is_file():
+        return in_checkout
     named = CATALOG / f"{arg}.json"
-    return named if named.is_file() else path
+    return named if "/" not in str(arg) and named.is_file() else path
 
 
 def read_shape(path: Path) -> Shape:
