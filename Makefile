@@ -12,6 +12,7 @@ bench:
 	$(PY) benchmarks/tracing_overhead.py
 	$(PY) benchmarks/report_scale.py
 	test ! -f benchmarks/observe_overhead.py || $(PY) benchmarks/observe_overhead.py
+	$(PY) benchmarks/shape_fidelity.py
 
 # The same scripts at their smallest size, a few seconds each: they still run (what CI checks, through
 # tests/system/test_benchmarks_smoke.py). Their figures are not results.
@@ -27,3 +28,4 @@ bench-smoke:
 	$(PY) benchmarks/tracing_overhead.py --smoke
 	$(PY) benchmarks/report_scale.py --smoke
 	$(PY) benchmarks/observe_overhead.py --smoke
+	$(PY) benchmarks/shape_fidelity.py --smoke

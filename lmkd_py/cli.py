@@ -18,7 +18,7 @@ from lmkd_py.lean import defer_asyncio
 CONFOUNDER_NAMES = ("thp_enabled", "thp_defrag", "lru_gen", "swappiness", "min_free_kbytes", "watermark_scale_factor",
                     "swap", "zram", "page_size", "cpu_model", "cpu_count", "cpufreq_governor", "kernel_cmdline")
 COMMANDS = ("kill", "check-config", "config-schema", "record-schema", "report", "compare", "trace-export", "stress",
-            "observe", "lab", "status")
+            "observe", "lab", "status", "shape")
 
 
 def _add_daemon_args(p: argparse.ArgumentParser) -> None:
@@ -97,6 +97,17 @@ def _add_stress(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--scenario", help="a preset set of victims, e.g. app-like")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--duration", type=float, help="seconds to hold, then clean up")
+    p.add_argument("--shape", help="replay a captured memory shape (lmkd-py shape capture): a file, or a "
+                                   "catalog name from workloads/ (node-server)")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="with --shape: VMA count, memory and threads times this (default 1)")
+
+
+def _add_shape(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from lmkd_py.shape import add_shape_arguments  # light: argparse and the stdlib
+
+    p = sub.add_parser("shape", help="capture a process's memory shape (VMAs by class, resident, THP, threads)")
+    add_shape_arguments(p)
 
 
 def _add_observe(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -146,6 +157,7 @@ def build_command_parser() -> argparse.ArgumentParser:
     _add_observe(sub)
     _add_lab(sub)
     _add_status(sub)
+    _add_shape(sub)
     return parser
 
 
@@ -182,6 +194,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from lmkd_py.status import cmd_status
 
         handlers["status"] = cmd_status
+    elif args.command == "shape":
+        from lmkd_py.shape import cmd_shape
+
+        handlers["shape"] = cmd_shape
     elif args.command == "stress":
         from lmkd_py.stress import cmd_stress
 

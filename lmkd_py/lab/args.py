@@ -27,6 +27,10 @@ def add_lab_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vmas", type=int, default=1, help="victim VMAs without --scenario")
     p.add_argument("--threads", type=int, default=1, help="victim threads without --scenario")
     p.add_argument("--kind", choices=["anon", "file", "shmem", "mixed"], default="anon")
+    p.add_argument("--shape", metavar="FILE",
+                   help="replay a captured memory shape as the victim (lmkd-py shape capture), e.g. "
+                        "workloads/node-server.json, or a catalog name (node-server)")
+    p.add_argument("--scale", type=float, default=1.0, help="with --shape: VMAs, memory and threads times this")
     p.add_argument("--peers", action="store_true",
                    help="also run the same pressure episode under lmkd-py, earlyoom and no daemon")
     p.add_argument("--peer-rounds", type=int, default=3, help="episodes per peer (default 3)")

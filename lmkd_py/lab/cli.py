@@ -42,18 +42,48 @@ def make_job(label: str, args: argparse.Namespace) -> dict[str, Any]:
     The guest has no disk: ``/tmp`` is tmpfs, so a victim's "file" memory is shmem there."""
     from lmkd_py.stress import VictimSpec, scenario_specs
 
-    if args.scenario:
+    shape_arg = getattr(args, "shape", None)
+    shape: dict[str, Any] | None = None
+    if shape_arg and args.scenario:
+        raise ValueError("--shape and --scenario exclude each other")
+    if shape_arg:
+        shape = _shape_job(shape_arg, float(getattr(args, "scale", 1.0)), args.mem_mib)
+        specs = []
+    elif getattr(args, "scale", 1.0) != 1.0:
+        raise ValueError("--scale only makes sense with --shape")
+    elif args.scenario:
         specs = scenario_specs(args.scenario, args.seed)
     else:
         specs = [VictimSpec(size_mib=args.size_mib, vmas=args.vmas, kind=args.kind, threads=args.threads)]
     return {
         "label": label, "kills": args.kills, "victims": [s.__dict__ for s in specs], "tracing": args.tracing,
+        "shape": shape,
         "mrelease": not args.no_mrelease, "settle_ms": 200, "ready_timeout_s": 600,
         # The guest's rootfs is tmpfs: the interpreter's own file pages count as shmem and stay after
         # the exit, so "memory back" is judged on half of what the victim held.
         "mem_recovery_fraction": 0.5,
         "peers": bool(args.peers), "peer_rounds": args.peer_rounds,
     }
+
+
+# The guest's own interpreter, lmkd-py and page cache need this much of --mem-mib besides the victim.
+GUEST_RESERVE_MIB = 384
+
+
+def _shape_job(arg: str, scale: float, mem_mib: int) -> dict[str, Any]:
+    """The job's ``shape``: the checked shape file and the scale. Raises ValueError (a ShapeError
+    naming the field, a missing file, or a shape the guest's memory cannot hold)."""
+    from lmkd_py.shape import Machine, check_fits, find_shape, read_shape, shape_to_dict, target_for
+
+    try:
+        shape = read_shape(find_shape(arg))
+    except OSError as exc:
+        raise ValueError(f"--shape {arg}: {exc.strerror or exc}") from None
+    # The guest is arm64 with 4 KiB pages; its memory is what --mem-mib leaves after its own needs.
+    guest = Machine(arch="aarch64", page_size=4096, hugepage_kib=2048,
+                    mem_available_kib=max(0, mem_mib - GUEST_RESERVE_MIB) * 1024)
+    check_fits(target_for(shape, guest, scale), guest)
+    return {"shape": shape_to_dict(shape), "scale": scale}
 
 
 def split_kills(kills: int, boots: int) -> list[int]:
@@ -186,7 +216,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
     for boot, kills in enumerate(split_kills(args.kills, args.boots)):
         for kernel in kernels:
             job = {**jobs[kernel.label], "kills": kills, "boot": boot}
-            per_kill_s = 30 + (60 if args.vmas > 1000 or args.scenario else 0)
+            per_kill_s = 30 + (60 if args.vmas > 1000 or args.scenario or args.shape else 0)
             timeout = args.timeout or 180 + per_kill_s * kills + (900 * args.peer_rounds if args.peers else 0)
             try:
                 runs.append(run_guest(kernel, guest, job, out, mem_mib=args.mem_mib, timeout_s=timeout,

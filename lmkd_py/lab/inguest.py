@@ -11,7 +11,8 @@ in ASCII), and everything else on the console is ignored by the host's parser. K
 - ``done``: counts, at the end
 
 The job file (written by the host, ``run.make_job``) holds: ``label``, ``kills``, ``victims`` (list of
-VictimSpec fields, used round-robin), ``tracing`` ("auto" | "on" | "off"), ``mrelease``,
+VictimSpec fields, used round-robin), ``shape`` (null, or ``{"shape": a shape file's object, "scale":
+F}``: every victim is then a replica of that shape), ``tracing`` ("auto" | "on" | "off"), ``mrelease``,
 ``settle_ms``, ``ready_timeout_s``, ``mem_recovery_fraction``, ``peers`` and ``peer_rounds``.
 """
 
@@ -74,10 +75,13 @@ def run_kills(job: dict[str, Any], emit: Emit) -> tuple[int, int]:
     from lmkd_py.procfs import ProcFs
     from lmkd_py.provenance import collect
     from lmkd_py.records import record_dict
-    from lmkd_py.stress import StressChildError, VictimSpec, spawn_victim
+    from lmkd_py.shape import ShapeError, shape_from_dict
+    from lmkd_py.stress import StressChildError, VictimSpec, spawn_shape_victim, spawn_victim
     from lmkd_py.syscalls import LinuxSyscalls
 
     specs = [VictimSpec(**v) for v in job["victims"]]
+    shape_job: dict[str, Any] = job.get("shape") or {}
+    shape = shape_from_dict(shape_job["shape"]) if shape_job else None
     tracer, desc = _tracer(str(job.get("tracing", "auto")), emit)
     emit("hello", hello(desc))
     proc = ProcFs()
@@ -90,15 +94,23 @@ def run_kills(job: dict[str, Any], emit: Emit) -> tuple[int, int]:
     workdir = Path("/tmp")
     try:
         for i in range(int(job["kills"])):
-            spec = specs[i % len(specs)]
+            spec: Any = None
+            victim: Any
             try:
-                victim = spawn_victim(spec, workdir=workdir)
-            except OSError as exc:
+                if shape is not None:
+                    spec = {"shape": shape.provenance.comm, "scale": shape_job["scale"]}
+                    victim = spawn_shape_victim(shape, scale=float(shape_job["scale"]), workdir=workdir)
+                else:
+                    spec = specs[i % len(specs)].__dict__
+                    victim = spawn_victim(specs[i % len(specs)], workdir=workdir)
+            except (OSError, ShapeError, StressChildError, TimeoutError) as exc:
                 emit("note", {"what": "victim did not start", "kill": i, "reason": str(exc)})
                 failed += 1
                 continue
             try:
                 victim.wait_ready(float(job.get("ready_timeout_s", 600)))
+                if i == 0 and getattr(victim, "warnings", None):
+                    emit("note", {"what": "replica differs from the shape", "reasons": victim.warnings})
                 time.sleep(int(job.get("settle_ms", 200)) / 1000)
                 expected = killer.snapshot(victim.pid)
                 expected = dataclasses.replace(expected, vma_count=proc.vma_count(victim.pid))
@@ -110,7 +122,7 @@ def run_kills(job: dict[str, Any], emit: Emit) -> tuple[int, int]:
             finally:
                 if victim.wait_exit(30.0) is None:
                     victim.kill()
-            note = f"lab {job['label']}: kill {i + 1}/{job['kills']}, spec {spec.__dict__}, qemu-tcg guest"
+            note = f"lab {job['label']}: kill {i + 1}/{job['kills']}, spec {spec}, qemu-tcg guest"
             record = dataclasses.replace(record, notes=[*record.notes, note])
             emit("record", record_dict(record))
             made += 1

@@ -22,11 +22,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 
 from lmkd_py import log as logsetup
+from lmkd_py.shape import ShapeError
 from lmkd_py.stress.cgroup import PressureCgroup, validate_cgroup_name
 from lmkd_py.stress.proc import (
     StressChildError,
@@ -35,11 +36,15 @@ from lmkd_py.stress.proc import (
     spawn_victim,
     start_thrasher,
 )
+from lmkd_py.stress.replay import ShapeVictim, spawn_shape_victim
 from lmkd_py.stress.spec import (
     VictimSpec,
     scenario_names,
     scenario_specs,
 )
+
+if TYPE_CHECKING:
+    from lmkd_py.shape import Shape
 
 # The presets at seed 0, for reading; ``scenario_specs(name, seed)`` gives other seeds.
 SCENARIOS: Final[dict[str, list[VictimSpec]]] = {n: scenario_specs(n, 0) for n in scenario_names()}
@@ -72,6 +77,9 @@ class StressOptions:
     duration_s: float | None
     scenario: str | None
     seed: int
+    shape: Shape | None = None  # replay this captured shape (``count`` replicas) instead of ``specs``
+    scale: float = 1.0
+    count: int = 1
 
 
 def _cgroup_name(arg: Path | str, v1_root: Path, v2_root: Path) -> str:
@@ -134,9 +142,24 @@ def options_from_args(
     duration: float | None = get("duration", None)
     if duration is not None and duration < 0:
         raise ValueError(f"--duration must be >= 0, not {duration}")
+    shape_path: Path | None = get("shape", None)
+    scale = float(get("scale", 1.0))
+    shape = None
+    if shape_path is not None:
+        if scenario is not None:
+            raise ValueError("--shape and --scenario exclude each other")
+        from lmkd_py.shape import find_shape, read_shape  # ShapeError is a ValueError: the caller reports it
+
+        try:
+            shape = read_shape(find_shape(shape_path))
+        except OSError as exc:
+            raise ValueError(f"--shape {shape_path}: {exc.strerror or exc}") from None
+        specs = []
+    elif scale != 1.0:
+        raise ValueError("--scale only makes sense with --shape")
     return StressOptions(specs=specs, cgroup_name=name, limit_mib=limit_mib, pressure=pressure,
                          file_mib=file_mib, json=bool(get("json", False)), duration_s=duration,
-                         scenario=scenario, seed=seed)
+                         scenario=scenario, seed=seed, shape=shape, scale=scale, count=count)
 
 
 class _SignalGuard:
@@ -183,15 +206,21 @@ def _signals_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def _output(opts: StressOptions, victims: list[StressVictim], cgroup: PressureCgroup | None,
+def _describe(v: StressVictim | ShapeVictim) -> dict[str, Any]:
+    if isinstance(v, ShapeVictim):
+        return {"pid": v.pid, "shape": {"vmas": len(v.target.vmas), "threads": v.target.threads,
+                                        "rss_kib": v.target.rss_kib, "warnings": v.warnings},
+                "regions": [asdict(r) for r in v.regions]}
+    return {"pid": v.pid, "spec": asdict(v.spec), "regions": [asdict(r) for r in v.regions]}
+
+
+def _output(opts: StressOptions, victims: list[StressVictim | ShapeVictim], cgroup: PressureCgroup | None,
             thrasher: Thrasher | None, workdir: Path) -> str:
     if not opts.json:
         return "".join(f"{v.pid}\n" for v in victims)
     doc: dict[str, Any] = {
         "pids": [v.pid for v in victims],
-        "victims": [
-            {"pid": v.pid, "spec": asdict(v.spec), "regions": [asdict(r) for r in v.regions]} for v in victims
-        ],
+        "victims": [_describe(v) for v in victims],
         "cgroup": None if cgroup is None else {
             "name": cgroup.name,
             "v1_path": str(cgroup.v1_path),
@@ -203,20 +232,21 @@ def _output(opts: StressOptions, victims: list[StressVictim], cgroup: PressureCg
         "workdir": str(workdir),
         "scenario": opts.scenario,
         "seed": opts.seed,
+        "scale": opts.scale if opts.shape is not None else None,
     }
     return json.dumps(doc) + "\n"
 
 
-def _kill_all(victims: list[StressVictim]) -> None:
+def _kill_all(victims: list[StressVictim | ShapeVictim]) -> None:
     for v in victims:
         v.kill()
 
 
-def _hold(opts: StressOptions, victims: list[StressVictim], thrasher: Thrasher | None) -> None:
+def _hold(opts: StressOptions, victims: list[StressVictim | ShapeVictim], thrasher: Thrasher | None) -> None:
     """Sleep until the duration ends (forever without one), reaping children others killed."""
     log = structlog.get_logger()
     deadline = None if opts.duration_s is None else time.monotonic() + opts.duration_s
-    running = [*victims, *([thrasher] if thrasher is not None else [])]
+    running: list[StressVictim | ShapeVictim | Thrasher] = [*victims, *([thrasher] if thrasher is not None else [])]
     while deadline is None or time.monotonic() < deadline:
         left = _HOLD_TICK_S if deadline is None else min(_HOLD_TICK_S, deadline - time.monotonic())
         time.sleep(max(0.0, left))
@@ -235,7 +265,7 @@ def _run(opts: StressOptions, stack: contextlib.ExitStack) -> None:
             cgroup = stack.enter_context(PressureCgroup(opts.cgroup_name, opts.limit_mib))
     with _signals_blocked():
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lmkd-py-stress-")))
-    victims: list[StressVictim] = []
+    victims: list[StressVictim | ShapeVictim] = []
     stack.callback(_kill_all, victims)
     if opts.pressure and opts.limit_mib is not None:
         total_mib = sum(s.size_mib for s in opts.specs)
@@ -244,6 +274,13 @@ def _run(opts: StressOptions, stack: contextlib.ExitStack) -> None:
     for spec in opts.specs:
         with _signals_blocked():
             victims.append(spawn_victim(spec, cgroup, workdir=workdir))
+    if opts.shape is not None:
+        for _ in range(opts.count):
+            with _signals_blocked():
+                victims.append(spawn_shape_victim(opts.shape, scale=opts.scale, cgroup=cgroup, workdir=workdir))
+            victims[-1].wait_ready(_READY_TIMEOUT_S)  # one at a time: the next one's memory check sees it
+            for warning in victims[-1].warnings if isinstance(victims[-1], ShapeVictim) else []:
+                log.warning("stress.shape_differs", pid=victims[-1].pid, what=warning)
     for v in victims:
         v.wait_ready(_READY_TIMEOUT_S)
     thrasher: Thrasher | None = None
@@ -280,5 +317,8 @@ def cmd_stress(args: argparse.Namespace) -> int:
                 guard.disarm()  # before the stack unwinds: the cleanup runs to its end
     except (StressChildError, TimeoutError, OSError) as exc:
         print(f"lmkd-py stress: {exc}", file=sys.stderr)
+        return 1
+    except ShapeError as exc:  # this machine cannot hold the shape: refused before allocating it
+        print(f"lmkd-py stress: --shape refused: {exc}", file=sys.stderr)
         return 1
     return 0

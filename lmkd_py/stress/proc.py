@@ -72,6 +72,16 @@ class _Child:
         ``timeout_s`` seconds (the child is left running: the caller owns it)."""
         if self.regions:
             return
+        ready = self._next_message(timeout_s, "ready")
+        self.regions = [Region(str(k), int(s), int(e), int(n)) for k, s, e, n in ready["regions"]]
+        self._on_ready(ready)
+
+    def _on_ready(self, ready: dict[str, Any]) -> None:
+        """What a subclass takes from the ready message besides the regions."""
+
+    def _next_message(self, timeout_s: float, what: str) -> dict[str, Any]:
+        """The next JSON line the child prints. Raises StressChildError if it exited first,
+        TimeoutError after ``timeout_s`` seconds (``what`` names the wait)."""
         stdout = self._popen.stdout
         assert stdout is not None
         fd = stdout.fileno()
@@ -79,7 +89,7 @@ class _Child:
         while b"\n" not in self._buf:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"{self.what} {self.pid} not ready after {timeout_s:.1f} s")
+                raise TimeoutError(f"{self.what} {self.pid} not {what} after {timeout_s:.1f} s")
             readable, _, _ = select.select([fd], [], [], left)
             if not readable:
                 continue
@@ -88,8 +98,8 @@ class _Child:
                 raise self._died()
             self._buf += data
         line, _, self._buf = self._buf.partition(b"\n")
-        ready: dict[str, Any] = json.loads(line)
-        self.regions = [Region(str(k), int(s), int(e), int(n)) for k, s, e, n in ready["regions"]]
+        message: dict[str, Any] = json.loads(line)
+        return message
 
     def _died(self) -> StressChildError:
         rc = reap(self._popen, 10.0)
@@ -160,7 +170,8 @@ def reap(popen: subprocess.Popen[bytes], timeout_s: float) -> int | None:
         return None
 
 
-def _start(cfg: dict[str, Any], python: str, cgroup: PressureCgroup | None) -> subprocess.Popen[bytes]:
+def _start(cfg: dict[str, Any], python: str, cgroup: PressureCgroup | None,
+           env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     cfg["cgroup_procs"] = [str(p) for p in cgroup.procs_files] if cgroup is not None else []
     # -I -S: the child needs only the standard library, and must not pick up modules from the cwd.
     # A new session: a terminal's Ctrl-C goes to the stress command, which then cleans up in order.
@@ -170,6 +181,7 @@ def _start(cfg: dict[str, Any], python: str, cgroup: PressureCgroup | None) -> s
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
+        env=None if env is None else {**os.environ, **env},
     )
     if cgroup is not None:
         try:

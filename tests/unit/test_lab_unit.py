@@ -475,6 +475,34 @@ def test_make_job() -> None:
         make_job("B", argparse.Namespace(**{**vars(args), "scenario": "nope"}))
 
 
+def test_make_job_carries_a_shape_to_the_guest(tmp_path: Path) -> None:
+    """--shape flows into the guest's job as the checked shape object; the in-guest program rebuilds the
+    same Shape from it; a shape the guest cannot hold is refused on the host, before any boot."""
+    from lmkd_py.lab.cli import build_parser, make_job
+    from lmkd_py.shape import Shape, ShapeProvenance, ShapeVma, dumps, shape_from_dict
+
+    shape = Shape(provenance=ShapeProvenance(comm="node", kernel="6.18", arch="x86_64", page_size=4096),
+                  threads=7, vmas=(ShapeVma("anon_private", "rw-", 65536, rss_kib=32768, dirty_kib=32768),
+                                   ShapeVma("file_private", "r-x", 1024, rss_kib=512, file=0)))
+    path = tmp_path / "s.json"
+    path.write_text(dumps(shape))
+    args = build_parser().parse_args(["--kernel", "A=deb:6.12", "--kills", "3", "--shape", str(path),
+                                      "--scale", "0.5"])
+    job = make_job("A", args)
+    assert job["victims"] == [] and job["shape"]["scale"] == 0.5
+    carried = json.loads(json.dumps(job))["shape"]["shape"]  # as the guest reads job.json
+    assert shape_from_dict(carried).vmas == shape.vmas
+    with pytest.raises(ValueError, match="MiB available"):
+        make_job("A", argparse.Namespace(**{**vars(args), "scale": 40.0}))
+    with pytest.raises(ValueError, match="exclude"):
+        make_job("A", argparse.Namespace(**{**vars(args), "scenario": "app-like"}))
+    with pytest.raises(ValueError, match="vmas"):
+        path.write_text(dumps(shape).replace('"rss_kib":32768', '"rss_kib":99999999'))
+        make_job("A", args)
+    with pytest.raises(ValueError, match="No such file"):
+        make_job("A", argparse.Namespace(**{**vars(args), "shape": str(tmp_path / "nope.json")}))
+
+
 def test_full_stall_parser() -> None:
     text = "some avg10=0.00 avg60=0.00 avg300=0.00 total=1234\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=567\n"
     assert full_stall_us(text) == 567

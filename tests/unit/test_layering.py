@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[2] / "lmkd_py"
-PACKAGES = {"tracing", "observe", "report", "stress", "lab"}
+PACKAGES = {"tracing", "observe", "report", "stress", "lab", "shape"}
 KILL_MODE = {"daemon", "killer", "candidates", "service", "policy", "psi", "protect"}
 
 # room -> rooms it may import at run time ("lmkd_py" is the package root: __version__).
@@ -55,12 +55,13 @@ ALLOWED: dict[str, set[str]] = {
     "service": {"config", "daemon", "journal", "log", "observe", "procfs", "protect", "records", "sdnotify",
                 "status", "syscalls", "tracing"},
     "tools": {"config", "killer", "log", "procfs", "provenance", "records", "syscalls", "text", "tracing"},
-    "stress": {"log"},
+    "shape": {"lmkd_py", "procfs"},  # capture, plan and compare memory shapes; stdlib only
+    "stress": {"log", "shape"},
     "report": {"records", "text"},
     # The lab's in-guest program runs one kill at a time with the killer itself (no daemon).
-    "lab": {"lmkd_py", "killer", "reaper", "log", "procfs", "provenance", "records", "report", "stress", "syscalls",
-            "tracing"},
-    "cli": {"lmkd_py", "config", "lab", "lean", "observe", "report", "service", "status", "stress", "tools"},
+    "lab": {"lmkd_py", "killer", "reaper", "log", "procfs", "provenance", "records", "report", "shape", "stress",
+            "syscalls", "tracing"},
+    "cli": {"lmkd_py", "config", "lab", "lean", "observe", "report", "service", "shape", "status", "stress", "tools"},
 }
 
 
