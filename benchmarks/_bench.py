@@ -9,6 +9,10 @@ data to print figures from).
 from __future__ import annotations
 
 import argparse
+import atexit
+import os
+import shutil
+import tempfile
 from typing import NoReturn
 
 SMOKE_HELP = ("smallest size, a few seconds: check that the benchmark still runs (what CI does); the figures "
@@ -22,7 +26,19 @@ def parse_args(ap: argparse.ArgumentParser, smoke: dict[str, object]) -> argpars
     known, _ = ap.parse_known_args()
     if known.smoke:
         ap.set_defaults(**smoke)
-    return ap.parse_args()
+    args = ap.parse_args()
+    _own_runtime_dir()
+    return args
+
+
+def _own_runtime_dir() -> None:
+    """The lmkd-py daemons a benchmark starts keep their lock and status in a directory of its own, so a
+    running lmkd-py service (or another benchmark) neither refuses them nor is disturbed by them."""
+    if os.environ.get("LMKD_PY_RUNTIME_DIR"):
+        return
+    d = tempfile.mkdtemp(prefix="lmkd-py-bench-run-")
+    os.environ["LMKD_PY_RUNTIME_DIR"] = d
+    atexit.register(shutil.rmtree, d, True)
 
 
 def broken(why: str) -> NoReturn:

@@ -53,6 +53,24 @@ class Children:
             p.wait()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_runtime_dir() -> Iterator[Path]:
+    """Every lmkd-py the tests start (they inherit the environment) keeps its instance lock and status in
+    a directory of this test session, not /run/lmkd-py: a daemon of another session on the same machine
+    (or a real service) would otherwise refuse the tests' daemons ("another lmkd-py already runs here"),
+    as it did once on this shared machine. Tests about the lock itself set their own directory."""
+    if os.environ.get("LMKD_PY_RUNTIME_DIR"):
+        yield Path(os.environ["LMKD_PY_RUNTIME_DIR"])
+        return
+    d = Path(tempfile.mkdtemp(prefix="lmkd-py-test-run-"))
+    os.environ["LMKD_PY_RUNTIME_DIR"] = str(d)
+    try:
+        yield d
+    finally:
+        os.environ.pop("LMKD_PY_RUNTIME_DIR", None)
+        shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture
 def children() -> Iterator[Children]:
     c = Children()
