@@ -89,6 +89,18 @@ class Hist:
         bins, inverse = np.unique(self.bins, return_inverse=True)
         return bins, np.bincount(inverse.reshape(-1), weights=self.count, minlength=bins.size).astype(np.int64)
 
+    @property
+    def known(self) -> bool:
+        """Whether any record says where it came from (a board or boot id)."""
+        return any(lab is not None for lab in self.board_labels)
+
+    def board_set(self) -> set[str]:
+        """The known boards with values."""
+        return {lab for b in np.unique(self.boot_board[self.boot]) if (lab := self.board_labels[int(b)]) is not None}
+
+    def board_medians(self) -> dict[str, float]:
+        return board_medians(self)
+
     def _units(self) -> IntArray:
         return np.unique(self.boot)
 
@@ -102,20 +114,25 @@ class Hist:
         return m
 
     def quantiles(self, qs: list[float]) -> list[float | None]:
-        """Quantiles (0..1) of the values, interpolated between order statistics as numpy's default."""
-        if self.n == 0:
-            return [None for _ in qs]
-        bins, counts = self.pooled()
-        vals = bin_values(bins)
-        cum = np.cumsum(counts)
-        out: list[float | None] = []
-        for q in qs:
-            rank = q * (self.n - 1)
-            lo, hi = math.floor(rank), math.ceil(rank)
-            v_lo = vals[np.searchsorted(cum, lo, side="right")]
-            v_hi = vals[np.searchsorted(cum, hi, side="right")]
-            out.append(float(v_lo + (v_hi - v_lo) * (rank - lo)))
-        return out
+        return quantiles(*self.pooled(), qs)
+
+
+def quantiles(bins: IntArray, counts: IntArray, qs: list[float]) -> list[float | None]:
+    """Quantiles (0..1) of binned values (``bins`` sorted), interpolated between order statistics as
+    numpy's default does."""
+    n = int(counts.sum())
+    if n == 0:
+        return [None for _ in qs]
+    vals = bin_values(bins)
+    cum = np.cumsum(counts)
+    out: list[float | None] = []
+    for q in qs:
+        rank = q * (n - 1)
+        lo, hi = math.floor(rank), math.ceil(rank)
+        v_lo = vals[np.searchsorted(cum, lo, side="right")]
+        v_hi = vals[np.searchsorted(cum, hi, side="right")]
+        out.append(float(v_lo + (v_hi - v_lo) * (rank - lo)))
+    return out
 
 
 def hist_of(values: FloatArray, board_codes: npt.NDArray[np.int32], boot_codes: npt.NDArray[np.int32],
@@ -146,12 +163,11 @@ class Design:
     boots: int
 
 
-def design_of(h: Hist) -> Design:
-    known = [lab for lab in h.board_labels if lab is not None]
+def design_of(h: Counts) -> Design:
     boards, boots = h.boards, h.boots
-    if boards >= 2 and known:
+    if boards >= 2 and h.known:
         return Design("boards", boards, boots)
-    if boots >= 2 and known:
+    if boots >= 2 and h.known:
         return Design("boots", boards, boots)
     return Design("records", boards, boots)
 
@@ -182,6 +198,24 @@ class Counts(Protocol):
 
     @property
     def n(self) -> int: ...
+
+    @property
+    def total(self) -> float: ...
+
+    @property
+    def boards(self) -> int: ...
+
+    @property
+    def boots(self) -> int: ...
+
+    @property
+    def known(self) -> bool: ...
+
+    def quantiles(self, qs: list[float]) -> list[float | None]: ...
+
+    def board_set(self) -> set[str]: ...
+
+    def board_medians(self) -> dict[str, float]: ...
 
     def pooled(self) -> tuple[IntArray, IntArray]: ...
 
@@ -322,10 +356,10 @@ class Paired:
     ratio_ci: tuple[float | None, float | None]
 
 
-def paired(a: Hist, b: Hist, resamples: int, rng: np.random.Generator, confidence: float) -> Paired:
+def paired(a: Counts, b: Counts, resamples: int, rng: np.random.Generator, confidence: float) -> Paired:
     """Boards common to ``a`` and ``b``: the geometric mean of their B/A median ratios with a percentile
     bootstrap CI over boards. Boards whose median is not positive on a side are left out."""
-    ma, mb = board_medians(a), board_medians(b)
+    ma, mb = a.board_medians(), b.board_medians()
     common = sorted(k for k in ma.keys() & mb.keys() if ma[k] > 0 and mb[k] > 0)
     if not common:
         return Paired(0, None, (None, None))

@@ -1,4 +1,4 @@
-"""Comparison rows from histograms (cluster.Hist): the cluster bootstrap, the paired comparison, and the
+"""Comparison rows from histograms (cluster.Counts): the cluster bootstrap, the paired comparison, and the
 rank and size tests on binned values (optional ``report`` extra).
 
 Used by ``compare`` whenever a side holds records of several boards or boots (the in-memory path, with
@@ -19,11 +19,14 @@ import zlib
 import numpy as np
 from scipy import stats
 
-from lmkd_py.report.cluster import Design, Hist, bin_values, design_of, paired, resampled_medians
+from lmkd_py.report.cluster import Counts, Design, bin_values, design_of, paired, resampled_medians
+from lmkd_py.report.data import DigestTable, metrics_for
 from lmkd_py.report.stats import (
     CONFIDENCE,
     NO_CI,
+    SIZE_BINS_MIB,
     BootstrapOptions,
+    GroupReport,
     Interval,
     Row,
     Side,
@@ -31,7 +34,7 @@ from lmkd_py.report.stats import (
 )
 
 
-def summary_of(h: Hist) -> Summary:
+def summary_of(h: Counts) -> Summary:
     """n, median, p90, p99 and mean of a histogram's values (quantiles to the bin, the mean exact)."""
     if h.n == 0:
         return Summary(0, None, None, None, None)
@@ -51,8 +54,8 @@ def _ci(x: np.ndarray) -> Interval:
 def compare_hists(
     name: str,
     unit: str,
-    ha: Hist,
-    hb: Hist,
+    ha: Counts,
+    hb: Counts,
     opts: BootstrapOptions,
     exact: tuple[Summary, Summary] | None = None,
 ) -> tuple[Row, Design, Design]:
@@ -92,7 +95,7 @@ def compare_hists(
 
 
 def _paired(
-    ha: Hist, hb: Hist, sa: Summary, rng: np.random.Generator, opts: BootstrapOptions
+    ha: Counts, hb: Counts, sa: Summary, rng: np.random.Generator, opts: BootstrapOptions
 ) -> tuple[float | None, float | None, Interval, Interval]:
     pr = paired(ha, hb, opts.resamples, rng, CONFIDENCE)
     if pr.ratio is None or sa.median is None:
@@ -103,15 +106,12 @@ def _paired(
     return sa.median * (pr.ratio - 1), 100 * (pr.ratio - 1), diff_ci, pct_ci
 
 
-def paired_boards(ha: Hist, hb: Hist) -> int:
+def paired_boards(ha: Counts, hb: Counts) -> int:
     """Boards (known) with values on both sides."""
-    def known(h: Hist) -> set[str]:
-        return {lab for b in np.unique(h.boot_board[h.boot]) if (lab := h.board_labels[int(b)]) is not None}
-
-    return len(known(ha) & known(hb))
+    return len(ha.board_set() & hb.board_set())
 
 
-def _merged(ha: Hist, hb: Hist) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _merged(ha: Counts, hb: Counts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     ba, ca = ha.pooled()
     bb, cb = hb.pooled()
     bins = np.union1d(ba, bb)
@@ -122,7 +122,7 @@ def _merged(ha: Hist, hb: Hist) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return bins, a, b
 
 
-def mwu_binned(ha: Hist, hb: Hist) -> float | None:
+def mwu_binned(ha: Counts, hb: Counts) -> float | None:
     """Two-sided Mann-Whitney U p-value, bins as tie groups (normal approximation, tie-corrected,
     continuity-corrected). None when a side is empty or every value ties."""
     na, nb = ha.n, hb.n
@@ -142,7 +142,7 @@ def mwu_binned(ha: Hist, hb: Hist) -> float | None:
     return float(min(1.0, 2 * stats.norm.sf(max(z, 0.0))))
 
 
-def ks_binned(ha: Hist, hb: Hist) -> float | None:
+def ks_binned(ha: Counts, hb: Counts) -> float | None:
     """Two-sample KS p-value (asymptotic) on the binned CDFs; None when a side is empty."""
     na, nb = ha.n, hb.n
     if na == 0 or nb == 0:
@@ -153,7 +153,30 @@ def ks_binned(ha: Hist, hb: Hist) -> float | None:
     return float(stats.kstwobign.sf(en * d))
 
 
-def median_of(h: Hist) -> float | None:
+def digest_report(key: tuple[str | None, ...], t: DigestTable, group_by: str | None) -> GroupReport:
+    """The report of one group (kernel release, machine model[, setting value]) from its digest."""
+    rss = t.hist("rss_kib")
+    bins, counts = rss.pooled()
+    mib = bin_values(bins)
+    edges = np.array(SIZE_BINS_MIB)
+    which = np.searchsorted(edges, mib, side="right") - 1
+    per_bin = np.bincount(which[which >= 0], weights=counts[which >= 0], minlength=len(edges) - 1)
+    size_bins = [(SIZE_BINS_MIB[i], SIZE_BINS_MIB[i + 1], int(per_bin[i])) for i in range(len(edges) - 1)]
+    return GroupReport(
+        kernel_release=key[0],
+        machine_model=key[1],
+        records=t.rows,
+        dry_runs=t.dry_runs,
+        outcomes=t.counts("outcome"),
+        mrelease_status=t.counts("mrelease_status"),
+        errno={k: v for k, v in t.counts("errno").items() if k is not None},
+        metrics=[(m, summary_of(t.hist(m.column))) for m in metrics_for(t)],
+        size_bins=size_bins,
+        setting=(group_by, key[2]) if group_by is not None else None,
+    )
+
+
+def median_of(h: Counts) -> float | None:
     return h.quantiles([0.5])[0]
 
 
