@@ -253,8 +253,14 @@ def _weights(board_of_unit: IntArray, resample_boots: bool, rng: np.random.Gener
         if kk == 1:
             out[:, cols[:, 0]] = mb[:, these]
         else:
-            draws = rng.multinomial(mb[:, these] * kk, np.full(kk, 1.0 / kk))  # (batch, boards, kk)
-            out[:, cols] = draws
+            # multinomial(m*k, k equal cells) as k - 1 vectorised binomials: numpy's multinomial takes
+            # one call per (resample, board), which cost seconds at 5,000 boards.
+            left = mb[:, these] * kk
+            for j in range(kk - 1):
+                drawn = rng.binomial(left, 1.0 / (kk - j))
+                out[:, cols[:, j]] = drawn
+                left = left - drawn
+            out[:, cols[:, kk - 1]] = left
     return out
 
 
@@ -303,24 +309,39 @@ FINE_COLUMNS = 256
 PILOT_MARGIN = 3  # coarse columns beyond the pilot's extremes: 200 pilots bound 2000 resamples loosely
 
 
-def resampled_medians(c: Counts, design: str, resamples: int, rng: np.random.Generator) -> FloatArray:
+def wide_window(c: Counts) -> Window:
+    """The pilot's window: the pooled 2-98 % range on PILOT_COLUMNS columns."""
+    return _pooled_window(c, PILOT_COLUMNS)
+
+
+def fine_window(c: Counts, design: str, pilot_rng: np.random.Generator) -> Window | None:
+    """The final pass's window: the pilot's resampled medians, PILOT_MARGIN coarse columns either side,
+    on at most FINE_COLUMNS columns. None when no resample has a median."""
+    wide = wide_window(c)
+    pilot = _resample(c.matrix(wide), c.unit_boards(), wide, design, PILOT_RESAMPLES, pilot_rng)
+    pilot = pilot[np.isfinite(pilot)]
+    if pilot.size == 0:
+        return None
+    cols = wide.column(to_bins(pilot))
+    lo, hi = wide.bin_at(int(cols.min()) - PILOT_MARGIN), wide.bin_at(int(cols.max()) + PILOT_MARGIN + 1) - 1
+    return Window(lo, max(hi, lo), FINE_COLUMNS)
+
+
+def resampled_medians(c: Counts, design: str, resamples: int, rng: np.random.Generator,
+                      pilot_rng: np.random.Generator) -> FloatArray:
     """``resamples`` bootstrap medians of ``c`` under ``design`` ("boards", "boots" or "records").
 
     Two passes, so that a source that computes its matrix by scanning the data (columnar.py) is asked
-    for two small matrices, never a full histogram per unit: a pilot on a coarse window over the pooled
-    2-98 % range finds where the resampled medians fall; the final resamples use a window of at most
-    FINE_COLUMNS columns around that place (fine bins where it is narrow). Should a resampled median
-    fall outside, the pass is repeated on the wide window with fine columns.
+    for two small matrices, never a full histogram per unit: a pilot (its own random stream, so a source
+    can run every metric's pilot before any final pass) on a coarse window over the pooled 2-98 % range
+    finds where the resampled medians fall; the final resamples use a window of at most FINE_COLUMNS
+    columns around that place (fine bins where it is narrow). Should a resampled median fall outside,
+    the pass is repeated on the wide window with fine columns.
     """
-    boards = c.unit_boards()
-    wide = _pooled_window(c, PILOT_COLUMNS)
-    pilot = _resample(c.matrix(wide), boards, wide, design, PILOT_RESAMPLES, rng)
-    pilot = pilot[np.isfinite(pilot)]
-    if pilot.size == 0:
+    fine = fine_window(c, design, pilot_rng)
+    if fine is None:
         return np.full(resamples, np.nan)
-    cols = wide.column(to_bins(pilot))
-    lo, hi = wide.bin_at(int(cols.min()) - PILOT_MARGIN), wide.bin_at(int(cols.max()) + PILOT_MARGIN + 1) - 1
-    fine = Window(lo, max(hi, lo), FINE_COLUMNS)
+    boards = c.unit_boards()
     out = _resample(c.matrix(fine), boards, fine, design, resamples, rng)
     outside = fine.column(to_bins(out[np.isfinite(out)]))
     if outside.size and (outside.min() == 0 or outside.max() == fine.width + 1):

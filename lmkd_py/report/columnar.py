@@ -214,21 +214,58 @@ class Side:
             sel = metric == i
             if not sel.any():
                 continue
-            out[name] = ColumnarHist(self, exprs[name], got["b"][sel].astype(np.int64),
+            out[name] = ColumnarHist(self, i, exprs[name], got["b"][sel].astype(np.int64),
                                      got["c"][sel].astype(np.int64), float(got["s"][sel].sum()))
         return out
 
+    def fetch_matrices(self, todo: list[tuple[ColumnarHist, Window]]) -> None:
+        """One scan: per (metric, unit, window column) counts for each (metric, window) of ``todo``."""
+        exprs = metric_sql()
+        names = list(exprs)
+        wanted = sorted({h.index for h, _ in todo})
+        select = ", ".join(f"{exprs[names[i]]} AS m{i}" for i in wanted)
+        values = ", ".join(f"({h.index}, {w.lo}, {w.factor}, {w.width})" for h, w in todo)
+        col = "least(greatest((b - w.lo) // w.factor + 1, 0), w.width + 1)"
+        got = self.query(
+            f"WITH w(metric, lo, factor, width) AS (VALUES {values}), "
+            f"u AS (SELECT hb, hu, CAST(substr(metric, 2) AS INTEGER) AS metric, {_bin('v')} AS b FROM (UNPIVOT (SELECT {_UNIT_KEYS}, {select} FROM "
+            f"{self._from()} AND NOT {DRY}) ON {', '.join(f'm{i}' for i in wanted)} INTO NAME metric VALUE v) "
+            f"WHERE isfinite(v)) "
+            f"SELECT u.metric, hb, hu, {col} AS col, count(*) AS c FROM u JOIN w ON u.metric = w.metric GROUP BY ALL"
+        ).fetchnumpy()
+        metric = np.asarray(got["metric"])
+        for h, w in todo:
+            sel = metric == h.index
+            h.store(w, np.asarray(got["hb"])[sel].astype(np.uint64), np.asarray(got["hu"])[sel].astype(np.uint64),
+                    np.asarray(got["col"])[sel].astype(np.int64), np.asarray(got["c"])[sel].astype(np.int64))
+
+
+_UNIT_KEYS = (f"CASE WHEN {BOARD} IS NULL THEN 0 ELSE hash({BOARD}) END AS hb, "
+              f"hash({BOARD}, {BOOT}) AS hu")
+
+
+def prefetch(sides: list[Side], hists: list[list[ColumnarHist]], windows: list[list[Window | None]]) -> None:
+    """Ask DuckDB, in one scan per side, for the per-unit counts of every metric in its window (the
+    bootstrap's matrices), so a comparison costs a few scans per side, not a few per metric."""
+    for side, hs, ws in zip(sides, hists, windows, strict=True):
+        todo = [(h, w) for h, w in zip(hs, ws, strict=True) if w is not None and h.key(w) not in h.cache]
+        if todo:
+            side.fetch_matrices(todo)
+
 
 class ColumnarHist(Hist):
-    """A metric of a Side: pooled bins held, per-boot counts asked of DuckDB per window (cluster.Counts)."""
+    """A metric of a Side: pooled bins held; per-unit counts per window fetched by ``prefetch`` (or one
+    query per window when asked first: cluster.Counts)."""
 
-    def __init__(self, side: Side, expr: str, bins: IntArray, count: IntArray, total: float) -> None:
+    def __init__(self, side: Side, index: int, expr: str, bins: IntArray, count: IntArray, total: float) -> None:
         order = np.argsort(bins)
         none = np.empty(0, dtype=np.int64)
         super().__init__(none, bins[order], count[order], none, [], total)
         self.side = side
+        self.index = index
         self.expr = expr
-        self._unit_info: tuple[IntArray, list[str | None], int] | None = None
+        self.cache: dict[tuple[int, int, int], npt.NDArray[np.float32]] = {}
+        self._unit_cache: tuple[npt.NDArray[np.uint64], IntArray, bool] | None = None  # hu, board index, known
 
     @property
     def n(self) -> int:
@@ -240,55 +277,56 @@ class ColumnarHist(Hist):
     def quantiles(self, qs: list[float]) -> list[float | None]:
         return quantiles(self.bins, self.count, qs)
 
-    def _values(self) -> str:
-        return f"SELECT {BOARD} AS board, {BOOT} AS boot, {self.expr} AS v FROM {self.side._from()} AND NOT {DRY}"
+    @staticmethod
+    def key(w: Window) -> tuple[int, int, int]:
+        return (w.lo, w.factor, w.width)
 
-    def _units(self) -> IntArray:
-        return np.arange(self._info()[0].size)
+    def store(self, w: Window, hb: npt.NDArray[np.uint64], hu: npt.NDArray[np.uint64], col: IntArray,
+              count: IntArray) -> None:
+        """Counts per (unit, column) from DuckDB; the units (and their order) are fixed by the first call."""
+        if self._unit_cache is None:
+            units, first = np.unique(hu, return_index=True)
+            _, board_idx = np.unique(hb[first], return_inverse=True)
+            self._unit_cache = (units, board_idx.reshape(-1).astype(np.int64), bool((hb != 0).any()))
+        units = self._unit_cache[0]
+        m = np.zeros((units.size, w.width + 2), dtype=np.float32)
+        np.add.at(m, (np.searchsorted(units, hu), col), count.astype(np.float32))
+        self.cache[self.key(w)] = m
 
-    def _info(self) -> tuple[IntArray, list[str | None], int]:
-        """Each unit's board index (units ordered by board, boot), the board labels, and the boots."""
-        if self._unit_info is None:
-            got = self.side.query(
-                f"SELECT board, count(DISTINCT coalesce(boot, '')) FROM ({self._values()}) WHERE isfinite(v) "
-                f"GROUP BY board ORDER BY board NULLS LAST"
-            ).fetchall()
-            labels: list[str | None] = [row[0] for row in got]
-            per_board = [int(row[1]) for row in got]
-            boards = np.repeat(np.arange(len(labels), dtype=np.int64), per_board)
-            self._unit_info = (boards, labels, int(sum(per_board)))
-        return self._unit_info
+    def matrix(self, w: Window) -> npt.NDArray[np.float32]:
+        if self.key(w) not in self.cache:
+            self.side.fetch_matrices([(self, w)])
+        return self.cache[self.key(w)]
+
+    def _unit_info(self) -> tuple[npt.NDArray[np.uint64], IntArray, bool]:
+        if self._unit_cache is None:
+            from lmkd_py.report.cluster import wide_window
+
+            self.matrix(wide_window(self))
+        assert self._unit_cache is not None  # set by the first matrix
+        return self._unit_cache
+
+    def unit_boards(self) -> IntArray:
+        return self._unit_info()[1]
 
     @property
     def boards(self) -> int:
-        return len(self._info()[1])
+        return int(np.unique(self._unit_info()[1]).size)
 
     @property
     def boots(self) -> int:
-        return self._info()[2]
+        return int(self._unit_info()[0].size)
 
     @property
     def known(self) -> bool:
-        return any(lab is not None for lab in self._info()[1])
+        return self._unit_info()[2]
+
+    def _values(self) -> str:
+        return f"SELECT {BOARD} AS board, {self.expr} AS v FROM {self.side._from()} AND NOT {DRY}"
 
     def board_set(self) -> set[str]:
-        return {lab for lab in self._info()[1] if lab is not None}
-
-    def unit_boards(self) -> IntArray:
-        return self._info()[0]
-
-    def matrix(self, w: Window) -> npt.NDArray[np.float32]:
-        col = f"least(greatest(({_bin('v')} - {w.lo}) // {w.factor} + 1, 0), {w.width + 1})"
-        got = self.side.query(
-            f"WITH u AS (SELECT board, coalesce(boot, '') AS boot, v FROM ({self._values()}) WHERE isfinite(v)), "
-            f"k AS (SELECT board, boot, row_number() OVER (ORDER BY board NULLS LAST, boot) - 1 AS unit "
-            f"FROM (SELECT DISTINCT board, boot FROM u)) "
-            f"SELECT k.unit, {col} AS col, count(*) AS c FROM u JOIN k ON u.board IS NOT DISTINCT FROM k.board "
-            f"AND u.boot = k.boot GROUP BY ALL"
-        ).fetchnumpy()
-        m = np.zeros((self._info()[2], w.width + 2), dtype=np.float32)
-        np.add.at(m, (got["unit"].astype(np.int64), got["col"].astype(np.int64)), got["c"].astype(np.float32))
-        return m
+        got = self.side.query(f"SELECT DISTINCT board FROM ({self._values()}) WHERE isfinite(v) AND board IS NOT NULL")
+        return {row[0] for row in got.fetchall()}
 
     def board_medians(self) -> dict[str, float]:
         got = self.side.query(
@@ -302,4 +340,4 @@ def open_engine(tmp: Path | None = None) -> Any:
     return connect(tmp)
 
 
-__all__ = ["ColumnarHist", "Dataset", "Side", "board_medians", "check_files", "metric_sql", "open_engine"]
+__all__ = ["ColumnarHist", "Dataset", "Side", "board_medians", "check_files", "metric_sql", "open_engine", "prefetch"]

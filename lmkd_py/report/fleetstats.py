@@ -19,8 +19,17 @@ import zlib
 import numpy as np
 from scipy import stats
 
-from lmkd_py.report.cluster import Counts, Design, bin_values, design_of, paired, resampled_medians
-from lmkd_py.report.data import DigestTable, metrics_for
+from lmkd_py.report.cluster import (
+    Counts,
+    Design,
+    bin_values,
+    design_of,
+    fine_window,
+    paired,
+    resampled_medians,
+    wide_window,
+)
+from lmkd_py.report.data import DigestTable, Metric, metrics_for
 from lmkd_py.report.stats import (
     CONFIDENCE,
     NO_CI,
@@ -40,6 +49,11 @@ def summary_of(h: Counts) -> Summary:
         return Summary(0, None, None, None, None)
     p50, p90, p99 = h.quantiles([0.5, 0.9, 0.99])
     return Summary(h.n, p50, p90, p99, h.total / h.n)
+
+
+def pilot_rng(opts: BootstrapOptions, name: str, side: int) -> np.random.Generator:
+    """The pilot pass's random stream of one metric and side (see cluster.resampled_medians)."""
+    return np.random.default_rng([opts.seed, zlib.crc32(name.encode()), side, 1])
 
 
 def _ci(x: np.ndarray) -> Interval:
@@ -72,7 +86,7 @@ def compare_hists(
     res: list[np.ndarray | None] = [None, None]
     for i, (h, d) in enumerate(((ha, da), (hb, db))):
         if h.n >= 2:
-            res[i] = resampled_medians(h, d.kind, opts.resamples, rng)
+            res[i] = resampled_medians(h, d.kind, opts.resamples, rng, pilot_rng(opts, name, i))
     ci_a = _ci(res[0]) if res[0] is not None else NO_CI
     ci_b = _ci(res[1]) if res[1] is not None else NO_CI
     diff = diff_pct = None
@@ -104,6 +118,24 @@ def _paired(
     pct_ci: Interval = NO_CI if lo is None or hi is None else (100 * (lo - 1), 100 * (hi - 1))
     diff_ci: Interval = NO_CI if lo is None or hi is None else (sa.median * (lo - 1), sa.median * (hi - 1))
     return sa.median * (pr.ratio - 1), 100 * (pr.ratio - 1), diff_ci, pct_ci
+
+
+def prefetch_tables(a: DigestTable, b: DigestTable, metrics: list[Metric], opts: BootstrapOptions) -> None:
+    """Fetch the bootstrap's matrices of every metric of two columnar sides in two scans per side (the
+    pilots' windows, then the final ones), before the rows are computed one by one."""
+    from lmkd_py.report.columnar import ColumnarHist, prefetch
+
+    for fine in (False, True):
+        sides, hists, windows = [], [], []
+        for i, t in enumerate((a, b)):
+            hs = [(m, h) for m in metrics if isinstance(h := t.hist(m.column), ColumnarHist) and h.n >= 2]
+            if not hs:
+                continue
+            sides.append(hs[0][1].side)
+            hists.append([h for _, h in hs])
+            windows.append([fine_window(h, design_of(h).kind, pilot_rng(opts, m.name, i)) if fine else wide_window(h)
+                            for m, h in hs])
+        prefetch(sides, hists, windows)
 
 
 def paired_boards(ha: Counts, hb: Counts) -> int:

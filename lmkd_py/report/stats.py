@@ -24,7 +24,16 @@ import numpy as np
 from scipy import stats
 
 from lmkd_py.report.cluster import Design
-from lmkd_py.report.data import CONFOUNDERS, KIB_PER_GIB, AnyTable, FloatArray, Metric, RecordTable, metrics_for
+from lmkd_py.report.data import (
+    CONFOUNDERS,
+    KIB_PER_GIB,
+    AnyTable,
+    DigestTable,
+    FloatArray,
+    Metric,
+    RecordTable,
+    metrics_for,
+)
 
 SMALL_N = 20  # below this a side gets a warning: CIs and p-values are rough
 SIZE_DIFF_P = 0.05  # KS p-value on victim sizes below which per-GiB rows are added ...
@@ -264,6 +273,10 @@ def compare_tables(a: AnyTable, b: AnyTable, label_a: str, label_b: str, opts: B
     exact = isinstance(a, RecordTable) and isinstance(b, RecordTable)
     binned = not exact or opts.paired or clustered(a) or clustered(b)
     designs: dict[str, tuple[Design, Design]] = {}
+    if isinstance(a, DigestTable) and isinstance(b, DigestTable):
+        from lmkd_py.report.fleetstats import prefetch_tables
+
+        prefetch_tables(a, b, metrics, opts)
     for m in metrics:
         if not binned:
             assert isinstance(a, RecordTable) and isinstance(b, RecordTable)  # exact just above
