@@ -228,7 +228,8 @@ class Side:
         col = "least(greatest((b - w.lo) // w.factor + 1, 0), w.width + 1)"
         got = self.query(
             f"WITH w(metric, lo, factor, width) AS (VALUES {values}), "
-            f"u AS (SELECT hb, hu, CAST(substr(metric, 2) AS INTEGER) AS metric, {_bin('v')} AS b FROM (UNPIVOT (SELECT {_UNIT_KEYS}, {select} FROM "
+            f"u AS (SELECT hb, hu, CAST(substr(metric, 2) AS INTEGER) AS metric, {_bin('v')} AS b FROM "
+            f"(UNPIVOT (SELECT {_UNIT_KEYS}, {select} FROM "
             f"{self._from()} AND NOT {DRY}) ON {', '.join(f'm{i}' for i in wanted)} INTO NAME metric VALUE v) "
             f"WHERE isfinite(v)) "
             f"SELECT u.metric, hb, hu, {col} AS col, count(*) AS c FROM u JOIN w ON u.metric = w.metric GROUP BY ALL"
