@@ -17,8 +17,9 @@ from lmkd_py.lean import defer_asyncio
 # command line imports neither pydantic nor numpy.
 CONFOUNDER_NAMES = ("thp_enabled", "thp_defrag", "lru_gen", "swappiness", "min_free_kbytes", "watermark_scale_factor",
                     "swap", "zram", "page_size", "cpu_model", "cpu_count", "cpufreq_governor", "kernel_cmdline")
-COMMANDS = ("kill", "check-config", "config-schema", "record-schema", "report", "compare", "trace-export", "stress",
-            "observe", "lab", "status", "shape")
+COMMANDS = ("kill", "check-config", "config-schema", "record-schema", "report", "compare", "export", "trace-export",
+            "stress", "observe", "lab", "status", "shape")
+INPUTS = "record files, directories or globs: JSONL (plain, .gz, .zst) or Parquet datasets from export"
 
 
 def _add_daemon_args(p: argparse.ArgumentParser) -> None:
@@ -58,7 +59,7 @@ def _add_config_cmds(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 def _add_report(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("report", help="summarise record files per kernel and machine")
-    p.add_argument("files", type=Path, nargs="+")
+    p.add_argument("files", type=Path, nargs="+", help=INPUTS)
     p.add_argument("--format", choices=["table", "markdown", "json"], default="table")
     p.add_argument("--plots", type=Path, help="write PNG plots into this directory")
     p.add_argument("--group-by", choices=CONFOUNDER_NAMES, metavar="SETTING",
@@ -74,6 +75,14 @@ def _add_report(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--plots", type=Path, help="write PNG ECDF and box plots into this directory")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
+    p.add_argument("--paired", action="store_true",
+                   help="compare within each board that ran both sides, then across boards")
+    p.add_argument("--fail-if", action="append", metavar="METRIC:+N%%", dest="fail_if",
+                   help="exit 1 when the difference's 95%% CI lies entirely beyond this threshold, e.g. "
+                        "'reap_total:+5%%' or 'kill_to_exit:+2ms' (repeatable); the verdict is the first line")
+    p = sub.add_parser("export", help="write records as a Parquet dataset partitioned by kernel and machine")
+    p.add_argument("files", type=Path, nargs="+", help="record files, directories or globs (JSONL, .gz, .zst)")
+    p.add_argument("--parquet", type=Path, required=True, metavar="DIR", help="dataset directory (appended to)")
     from lmkd_py.report import add_trace_export_arguments  # the face is light: no numpy at import
 
     p = sub.add_parser("trace-export", help="each kill's timeline as Chrome/Perfetto trace-event JSON")
@@ -173,10 +182,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         handlers.update(
             {"check-config": cmd_check_config, "config-schema": cmd_config_schema, "record-schema": cmd_record_schema}
         )
-    elif args.command in ("report", "compare"):
-        from lmkd_py.report import cmd_compare, cmd_report
+    elif args.command in ("report", "compare", "export"):
+        from lmkd_py.report import cmd_compare, cmd_export, cmd_report
 
-        handlers.update({"report": cmd_report, "compare": cmd_compare})
+        handlers.update({"report": cmd_report, "compare": cmd_compare, "export": cmd_export})
     elif args.command == "trace-export":
         from lmkd_py.report import cmd_trace_export
 

@@ -23,6 +23,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from lmkd_py.lean import sha256_hex
 from lmkd_py.patterns import PatternError, compile_pattern
 
 if TYPE_CHECKING:
@@ -482,7 +483,7 @@ class Config:
         what pydantic's model_dump_json wrote when the config was a pydantic model, so records keep
         their config hash across that change (tests/unit/test_config.py)."""
         text = json.dumps(_plain(self), ensure_ascii=False, separators=(",", ":"))
-        return _sha256_hex(text.encode())[:16]
+        return sha256_hex(text.encode())[:16]
 
     def records_path(self) -> Path:
         if self.records.path is not None:
@@ -498,19 +499,6 @@ MAX_CONFIG_BYTES = 1 << 20  # the shipped config is ~10 KiB; a larger file is a 
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the file and the key."""
-
-
-def _sha256_hex(data: bytes) -> str:
-    # CPython's own SHA-256, not hashlib's: hashlib maps OpenSSL's libcrypto (~3.6 MiB resident here) into
-    # the daemon for one digest at start (issue 13).
-    try:
-        from _sha2 import sha256  # type: ignore[import-not-found]  # CPython 3.12+
-    except ImportError:
-        try:
-            from _sha256 import sha256  # type: ignore[import-not-found]  # CPython 3.11
-        except ImportError:
-            from hashlib import sha256
-    return str(sha256(data).hexdigest())
 
 
 def _plain(value: Any) -> Any:

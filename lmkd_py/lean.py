@@ -1,4 +1,5 @@
-"""What the long-running processes (the daemon, observe mode) do not load although a dependency imports it.
+"""What the long-running processes (the daemon, observe mode) do not load although a dependency imports it
+or a task seems to need it.
 
 structlog imports asyncio at import time (for its async logging methods, which lmkd-py never calls), and
 asyncio imports ssl, socket, selectors, subprocess and concurrent.futures: ~6 MiB resident here (issue 13),
@@ -37,3 +38,16 @@ def asyncio_loaded() -> bool:
     """True when the real asyncio has been imported (for the footprint test and benchmark)."""
     mod = sys.modules.get("asyncio")
     return mod is not None and not isinstance(mod, _Deferred)
+
+
+def sha256_hex(data: bytes) -> str:
+    """SHA-256 of ``data`` in hex, with CPython's own implementation: hashlib would map OpenSSL's
+    libcrypto (~3.6 MiB resident here) into the daemon for a digest or two at start (issue 13)."""
+    try:
+        from _sha2 import sha256  # type: ignore[import-not-found]  # CPython 3.12+
+    except ImportError:
+        try:
+            from _sha256 import sha256  # type: ignore[import-not-found]  # CPython 3.11
+        except ImportError:
+            from hashlib import sha256
+    return str(sha256(data).hexdigest())

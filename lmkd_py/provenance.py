@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from lmkd_py import __version__
+from lmkd_py.lean import sha256_hex
 from lmkd_py.records import Confounders, Provenance, Setting
 
 # One setting's text is bounded: a kernel command line is at most a few KiB, a swap list a few lines.
@@ -25,6 +26,20 @@ def _read_text(path: Path) -> str | None:
     except OSError:
         return None
     return text or None
+
+
+# The app-specific machine id: systemd's machine-id(5) asks applications not to expose the id itself
+# (it is a unique, stable secret of the installation), so a record carries a keyed hash of it instead,
+# which tells boards apart without revealing the id (as sd_id128_get_machine_app_specific does).
+_MACHINE_ID_KEY = b"lmkd-py board id v1\0"
+
+
+def machine_id(etc_root: Path = Path("/etc")) -> str | None:
+    """This board's id for records: 32 hex digits derived from /etc/machine-id, None when unreadable."""
+    raw = _read_text(etc_root / "machine-id")
+    if raw is None or len(raw) != 32:
+        return None
+    return sha256_hex(_MACHINE_ID_KEY + raw.lower().encode())[:32]
 
 
 def machine_model(sys_root: Path = Path("/sys"), proc_root: Path = Path("/proc")) -> str | None:
@@ -174,6 +189,7 @@ def collect(
     sys_root: Path = Path("/sys"),
     proc_root: Path = Path("/proc"),
     virtualised: str | None = None,
+    etc_root: Path = Path("/etc"),
 ) -> Provenance:
     """Provenance of this machine now. Missing pieces are None (confounders: unknown with the reason)."""
     uts = os.uname()
@@ -188,4 +204,5 @@ def collect(
         config_hash=config_hash,
         virtualised=virtualised or os.environ.get("LMKD_PY_VIRTUALISED") or None,
         confounders=confounders(sys_root, proc_root),
+        machine_id=machine_id(etc_root),
     )

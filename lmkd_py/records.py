@@ -125,11 +125,14 @@ class Provenance:
     arch: str | None = None  # uname -m
     machine_model: str | None = None  # device tree model or DMI vendor/product
     boot_id: str | None = None
+    # Which board: an app-specific hash of /etc/machine-id (provenance.machine_id), stable across boots,
+    # never the machine id itself. ``compare`` bootstraps over boards (boots within boards) with it.
     lmkd_py_version: str | None = None
     config_hash: str | None = None  # sha256 of the canonical JSON of the effective config
     virtualised: str | None = None  # e.g. "qemu-tcg" when known (the lab sets it)
     # Added within schema version 1: optional, so older records load, and older readers ignore it.
     confounders: Confounders | None = None
+    machine_id: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

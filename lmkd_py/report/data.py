@@ -25,20 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import ValidationError
 
-from lmkd_py.records import (
-    SCHEMA_VERSION,
-    Confounders,
-    KillRecord,
-    MreleaseStatus,
-    Outcome,
-    Problems,
-    adapter,
-    errno_name,
-    iter_lines,
-    parse_line,
-)
+from lmkd_py.records import Confounders, KillRecord, MreleaseStatus, Outcome, Problems, errno_name
+from lmkd_py.report.cluster import Hist, hist_of
+from lmkd_py.report.sources import Source, iter_records
 
 FloatArray = npt.NDArray[np.float64]
 NS_PER_MS = 1e6
@@ -81,7 +71,11 @@ _SIDE_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 # The settings besides the kernel that sway reap latency (records.Confounders), one category each:
 # compare warns when its sides differ in one, report --group-by splits by one.
 CONFOUNDERS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Confounders))
-CATEGORIES = ("kernel_release", "machine_model", "outcome", "mrelease_status", "errno", *CONFOUNDERS)
+# Where each record came from, for the cluster bootstrap (cluster.py): the board (the app-specific machine
+# id; a record without one counts its boot as its board) and the boot.
+UNITS = ("board", "boot")
+CATEGORIES = ("kernel_release", "machine_model", "outcome", "mrelease_status", "errno", *UNITS, *CONFOUNDERS)
+MAX_UNIT_CHARS = 128
 # A confounder's value is kept to this many characters as a label (a hostile file could hold megabytes).
 MAX_CONFOUNDER_CHARS = 512
 
@@ -132,8 +126,60 @@ class RecordTable:
         col = col[~self.dry_run]
         return col[~np.isnan(col)]
 
+    def counts(self, category: str) -> dict[str | None, int]:
+        """How often each value of ``category`` occurs, most frequent first."""
+        return self.categories[category].counts()
 
-def metrics_for(*tables: RecordTable) -> list[Metric]:
+    @property
+    def dry_runs(self) -> int:
+        return int(self.dry_run.sum())
+
+    def hist(self, column: str, scale: float = 1.0) -> Hist:
+        """The present values of ``column`` x ``scale`` (not dry runs) as a per-boot histogram."""
+        col = self.columns.get(column)
+        return self.hist_of(np.full(self.rows, np.nan) if col is None else col * scale)
+
+    def hist_of(self, full: FloatArray) -> Hist:
+        """``full`` (one value per row, NaN for none) over the rows that count, as a per-boot histogram."""
+        keep = ~self.dry_run & np.isfinite(full)
+        board, boot = self.categories["board"], self.categories["boot"]
+        return hist_of(full[keep], board.codes[keep], boot.codes[keep], board.labels)
+
+
+@dataclass
+class DigestTable:
+    """A record set as the columnar engine hands it over (columnar.py): counts and per-boot histograms,
+    never the records. ``hists`` are keyed by column (``rss_kib``, ``mmap_lock_wait_ns.reaper``, and
+    ``<column>/gib`` for the per-GiB values) and hold values already in their metric's display unit."""
+
+    rows: int
+    dry_runs: int
+    category_counts: dict[str, dict[str | None, int]]
+    hists: dict[str, Hist]
+    problems: Problems = field(default_factory=Problems)
+
+    @property
+    def columns(self) -> dict[str, Hist]:
+        return self.hists
+
+    def counts(self, category: str) -> dict[str | None, int]:
+        return self.category_counts.get(category, {})
+
+    def hist(self, column: str, scale: float = 1.0) -> Hist:
+        """The histogram of ``column``, already in display units (``scale`` is for RecordTable's sake)."""
+        h = self.hists.get(column)
+        return h if h is not None else empty_hist()
+
+
+def empty_hist() -> Hist:
+    none = np.empty(0, dtype=np.int64)
+    return Hist(none, none, none, none, [], 0.0)
+
+
+AnyTable = RecordTable | DigestTable
+
+
+def metrics_for(*tables: AnyTable) -> list[Metric]:
     """BASE_METRICS plus one row per side of the sided columns present in any table, after its total."""
     out: list[Metric] = []
     for m in BASE_METRICS:
@@ -236,6 +282,10 @@ class _Builder:
             f["freed_by_reaper_share"].append(_share(k.freed_by_reaper_kib, k.freed_by_victim_kib))
         self._code("kernel_release", prov.kernel_release)
         self._code("machine_model", prov.machine_model)
+        boot = prov.boot_id[:MAX_UNIT_CHARS] if prov.boot_id is not None else None
+        board = prov.machine_id[:MAX_UNIT_CHARS] if prov.machine_id is not None else None
+        self._code("board", board if board is not None else (None if boot is None else "boot:" + boot))
+        self._code("boot", boot)
         self._code("outcome", rec.outcome.value)
         self._code("mrelease_status", mr.status.value)
         self._code("errno", mr.errno_name or errno_name(mr.errno))
@@ -282,38 +332,20 @@ def _share(reaper: dict[str, int] | None, victim: dict[str, int] | None) -> floa
     return by_reaper / total if total > 0 else _NAN
 
 
-_VERSION_FIRST = b'{"schema_version":'
+def load_table(paths: Sequence[Path | Source], problems: Problems | None = None) -> RecordTable:
+    """Read the JSONL records of ``paths`` (plain or compressed: ``sources.Source``, or paths read as
+    plain JSONL) into a RecordTable, streaming (memory stays O(records x columns)).
 
-
-def load_table(paths: Sequence[Path]) -> RecordTable:
-    """Read the records of ``paths`` into a RecordTable, streaming (memory stays O(records x columns)).
-
-    Raises OSError (a file that cannot be read). Lines that are not records (see ``records.parse_line``:
+    Raises OSError (a file that cannot be opened). Lines that are not records (see ``records.parse_line``:
     damaged, too long, a newer schema version) are skipped and counted in ``RecordTable.problems``
-    as ``file:line: skipped: why``; so are lock-map keys beyond what a table keeps (``_Builder``).
+    as ``file:line: skipped: why``; so are lock-map keys beyond what a table keeps (``_Builder``) and
+    compressed files corrupt part way (``sources.iter_records``).
     """
-    problems = Problems()
+    problems = problems if problems is not None else Problems()
     builder = _Builder()
-    validate = adapter().validate_json
-    for path in paths:
-        path = Path(path)
-        with path.open("rb") as fh:
-            for lineno, raw, complete in iter_lines(fh):
-                if raw is not None and not raw.strip():
-                    continue
-                rec: KillRecord | None = None
-                if raw is not None:
-                    try:
-                        rec = validate(raw)
-                    except ValidationError:
-                        rec = None
-                # A record without schema_version validates with the default; iter_records skips it,
-                # and a newer one must be skipped: both go the slow way, which words it the same. The
-                # writer puts schema_version first, so its lines never need the slow way for that.
-                slow = rec is None or rec.schema_version > SCHEMA_VERSION
-                if slow or raw is None or not raw.startswith(_VERSION_FIRST):
-                    rec = parse_line(path, lineno, raw, not complete, problems)
-                if rec is not None:
-                    builder.add(rec)
+    for item in paths:
+        src = item if isinstance(item, Source) else Source(Path(item), "jsonl")
+        for rec in iter_records(src, problems):
+            builder.add(rec)
     builder.note_dropped_sides(problems)
     return builder.build(problems)

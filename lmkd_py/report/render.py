@@ -19,7 +19,7 @@ import re
 from typing import Any
 
 from lmkd_py.records import Problems
-from lmkd_py.report.stats import Comparison, GroupReport, Row, Side
+from lmkd_py.report.stats import Comparison, GroupReport, Row, Side, Units
 from lmkd_py.text import printable
 
 PROBLEMS_SHOWN = 20  # skipped-line notes printed in text output; JSON carries up to 1000
@@ -198,17 +198,60 @@ def _row_json(r: Row) -> dict[str, Any]:
         "diff_median": r.diff_median,
         "diff_pct": r.diff_pct,
         "diff_ci": list(r.diff_ci),
+        "diff_pct_ci": list(r.diff_pct_ci),
         "p_value": r.p_value,
     }
 
 
-def render_comparison(cmp: Comparison, problems: Problems, fmt_name: str) -> str:
-    """The comparison in ``fmt_name`` ("table", "markdown" or "json"); B - A in the differences."""
+# The seed thread's table: one row per kernel, the medians the reviewers asked for (ms), n and boards.
+SEED_COLUMNS = (("total", "reap_total"), ("exit_mmap", "exit_mmap"), ("reaper work", "reaper_work"),
+                ("lock wait", "mmap_lock_wait"))
+
+
+def _units_json(u: Units | None) -> dict[str, Any] | None:
+    return None if u is None else {"records": u.records, "boards": u.boards, "boots": u.boots, "design": u.design}
+
+
+def seed_table(cmp: Comparison, md: bool) -> list[str]:
+    """The seed thread's table shape: kernel, total, exit_mmap, reaper work, lock wait (medians in ms with
+    95 % CIs), n, boards; and the difference B - A with its CI and the relative change."""
+    rows = {r.name: r for r in cmp.rows}
+    units = cmp.units
+    out = []
+    for i, name in enumerate((cmp.label_a, cmp.label_b)):
+        cells = [label(name, md)]
+        for _, metric in SEED_COLUMNS:
+            r = rows.get(metric)
+            side = None if r is None else (r.a if i == 0 else r.b)
+            cells.append("-" if side is None or side.median is None else f"{fmt(side.median)} {_ci(side.ci)}")
+        cells.append(str(units[i].records) if units else "-")
+        cells.append(str(units[i].boards) if units else "-")
+        out.append(cells)
+    diff = [f"{label(cmp.label_b, md)} - {label(cmp.label_a, md)}"]
+    for _, metric in SEED_COLUMNS:
+        r = rows.get(metric)
+        if r is None or r.diff_median is None:
+            diff.append("-")
+        else:
+            pct = "" if r.diff_pct is None else f" ({r.diff_pct:+.1f}%)"
+            diff.append(f"{fmt(r.diff_median)} {_ci(r.diff_ci)}{pct}")
+    out.append([*diff, "", ""])
+    header = ["kernel", *(f"{h} (ms)" for h, _ in SEED_COLUMNS), "n", "boards"]
+    return _grid(header, out, md)
+
+
+def render_comparison(cmp: Comparison, problems: Problems, fmt_name: str, gate: str | None = None) -> str:
+    """The comparison in ``fmt_name`` ("table", "markdown" or "json"); B - A in the differences.
+    ``gate``: the --fail-if verdict line (the caller prints it first; JSON carries it as "gate")."""
     if fmt_name == "json":
         return _json(
             {
                 "a_label": cmp.label_a,
                 "b_label": cmp.label_b,
+                **({"gate": gate} if gate is not None else {}),
+                "sides": {"a": _units_json(cmp.units[0] if cmp.units else None),
+                          "b": _units_json(cmp.units[1] if cmp.units else None)},
+                "paired_boards": cmp.paired_boards,
                 "metrics": [_row_json(r) for r in cmp.rows],
                 "warnings": cmp.warnings,
                 "problems": list(problems[:1000]),
@@ -256,6 +299,15 @@ def render_comparison(cmp: Comparison, problems: Problems, fmt_name: str) -> str
             ]
         )
     out = [f"## {b} vs {a}" if md else f"{b} vs {a} (differences are {b} - {a})", ""]
+    if cmp.units:
+        for name, u in ((a, cmp.units[0]), (b, cmp.units[1])):
+            out.append(f"{name}: {u.records} records, {u.boards} board(s), {u.boots} boot(s)"
+                       + ("" if u.design == "records" else f"; CIs resampled over {u.design}"))
+        if cmp.paired_boards is not None:
+            out.append(f"paired: {cmp.paired_boards} board(s) ran both; differences within boards, then across")
+        out.append("")
+    if md and rows:
+        out += [*seed_table(cmp, md), ""]
     out += _grid(header, rows, md) if rows else ["no values to compare"]
     if cmp.warnings:
         out += ["", "warnings:", *(f"- {label(w, md, NOTE_CHARS)}" for w in cmp.warnings)]

@@ -23,7 +23,17 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from lmkd_py.report.data import CONFOUNDERS, KIB_PER_GIB, FloatArray, Metric, RecordTable, metrics_for
+from lmkd_py.report.cluster import Design
+from lmkd_py.report.data import (
+    CONFOUNDERS,
+    KIB_PER_GIB,
+    AnyTable,
+    DigestTable,
+    FloatArray,
+    Metric,
+    RecordTable,
+    metrics_for,
+)
 
 SMALL_N = 20  # below this a side gets a warning: CIs and p-values are rough
 SIZE_DIFF_P = 0.05  # KS p-value on victim sizes below which per-GiB rows are added ...
@@ -132,6 +142,19 @@ class Row:
     diff_pct: float | None
     diff_ci: tuple[float | None, float | None]
     p_value: float | None
+    # The CI of diff_pct, bootstrapped as a ratio (not diff_ci over A's median: A's median varies too).
+    diff_pct_ci: tuple[float | None, float | None] = (None, None)
+
+
+@dataclass(frozen=True)
+class Units:
+    """Where one side's records came from: how many, from how many boards and boots, and how its CIs
+    were resampled ("boards": boots within boards; "boots"; "records": as if independent)."""
+
+    records: int
+    boards: int
+    boots: int
+    design: str
 
 
 @dataclass
@@ -140,12 +163,15 @@ class Comparison:
     label_b: str
     rows: list[Row]
     warnings: list[str] = field(default_factory=list)
+    units: tuple[Units, Units] | None = None
+    paired_boards: int | None = None  # with --paired: boards that ran both sides
 
 
 @dataclass(frozen=True)
 class BootstrapOptions:
     resamples: int = 2000
     seed: int = 0
+    paired: bool = False  # compare within each board that ran both sides, then across boards
     max_n: int = 10_000  # values per side beyond which the CI is bootstrapped from a subsample
     batch: int = 100  # resamples per vectorised step: bounds memory at batch x max_n floats
 
@@ -155,10 +181,12 @@ def _median(x: Any, axis: int = -1) -> Any:
 
 
 def _medians_and_diff(a: Any, b: Any, axis: int = -1) -> Any:
-    # One two-sample bootstrap gives all three intervals: A and B are resampled independently, so the
+    # One two-sample bootstrap gives all four intervals: A and B are resampled independently, so the
     # resampled median of A alone has exactly the one-sample bootstrap distribution (same for B).
     ma, mb = np.median(a, axis=axis), np.median(b, axis=axis)
-    return np.stack([ma, mb, mb - ma])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pct = np.where(ma != 0, 100.0 * (mb - ma) / ma, np.nan)
+    return np.stack([ma, mb, mb - ma, pct])
 
 
 Interval = tuple[float | None, float | None]
@@ -208,9 +236,9 @@ def compare_values(name: str, unit: str, a: FloatArray, b: FloatArray, opts: Boo
     rows are added or reordered.
     """
     rng = np.random.default_rng([opts.seed, zlib.crc32(name.encode())])
-    ci_a = ci_b = diff_ci = NO_CI
+    ci_a = ci_b = diff_ci = pct_ci = NO_CI
     if a.size >= 2 and b.size >= 2:
-        ci_a, ci_b, diff_ci = _bootstrap((a, b), _medians_and_diff, rng, opts)
+        ci_a, ci_b, diff_ci, pct_ci = _bootstrap((a, b), _medians_and_diff, rng, opts)
     elif a.size >= 2:
         (ci_a,) = _bootstrap((a,), _median, rng, opts)
     elif b.size >= 2:
@@ -224,57 +252,129 @@ def compare_values(name: str, unit: str, a: FloatArray, b: FloatArray, opts: Boo
             warnings.simplefilter("ignore")  # all-equal values: p is NaN, reported as unknown
             p = float(stats.mannwhitneyu(a, b, alternative="two-sided").pvalue)
         p_value = None if np.isnan(p) else p
-    return Row(name, unit, sa, sb, diff, diff_pct, diff_ci, p_value)
+    return Row(name, unit, sa, sb, diff, diff_pct, diff_ci, p_value, pct_ci)
 
 
-def compare_tables(a: RecordTable, b: RecordTable, label_a: str, label_b: str, opts: BootstrapOptions) -> Comparison:
-    """The comparison table of two record sets, with its warnings."""
+def clustered(t: AnyTable) -> bool:
+    """Whether ``t`` holds records of several known boards or boots (so kills are not independent)."""
+    return any(sum(1 for k in t.counts(unit) if k is not None) >= 2 for unit in ("board", "boot"))
+
+
+def compare_tables(a: AnyTable, b: AnyTable, label_a: str, label_b: str, opts: BootstrapOptions) -> Comparison:
+    """The comparison table of two record sets, with its warnings.
+
+    Two in-memory tables of independent records (no side holds several boards or boots, no --paired)
+    get exact statistics (``compare_values``); otherwise the rows come from histograms
+    (``fleetstats.compare_hists``): cluster CIs, paired differences, and, for in-memory tables, exact
+    point estimates all the same.
+    """
     cmp = Comparison(label_a, label_b, [])
     metrics = metrics_for(a, b)
+    exact = isinstance(a, RecordTable) and isinstance(b, RecordTable)
+    binned = not exact or opts.paired or clustered(a) or clustered(b)
+    designs: dict[str, tuple[Design, Design]] = {}
+    if isinstance(a, DigestTable) and isinstance(b, DigestTable):
+        from lmkd_py.report.fleetstats import prefetch_tables
+
+        prefetch_tables(a, b, metrics, opts)
     for m in metrics:
-        cmp.rows.append(
-            compare_values(m.name, m.unit, a.values(m.column) * m.scale, b.values(m.column) * m.scale, opts)
-        )
-    _size_check(a, b, metrics, opts, cmp)
+        if not binned:
+            assert isinstance(a, RecordTable) and isinstance(b, RecordTable)  # exact just above
+            cmp.rows.append(
+                compare_values(m.name, m.unit, a.values(m.column) * m.scale, b.values(m.column) * m.scale, opts)
+            )
+            continue
+        cmp.rows.append(_binned_row(m.name, m.unit, a, b, m.column, m.scale, opts, designs))
+    _size_check(a, b, metrics, opts, cmp, designs if binned else None)
+    cmp.units = _units(a, b, designs, binned)
+    if opts.paired:
+        from lmkd_py.report.fleetstats import paired_boards
+
+        cmp.paired_boards = max((paired_boards(a.hist(m.column, m.scale), b.hist(m.column, m.scale))
+                                 for m in metrics[:1]), default=0)
     _warn(a, b, cmp, opts)
     return cmp
 
 
+def _binned_row(name: str, unit: str, a: AnyTable, b: AnyTable, column: str, scale: float,
+                opts: BootstrapOptions, designs: dict[str, tuple[Design, Design]],
+                full: tuple[FloatArray, FloatArray] | None = None) -> Row:
+    from lmkd_py.report.fleetstats import compare_hists
+
+    if full is not None:
+        assert isinstance(a, RecordTable) and isinstance(b, RecordTable)  # only they have full columns
+        ha, hb = a.hist_of(full[0]), b.hist_of(full[1])
+    else:
+        ha, hb = a.hist(column, scale), b.hist(column, scale)
+    exact = None
+    if isinstance(a, RecordTable) and isinstance(b, RecordTable):
+        va = full[0] if full is not None else a.columns.get(column, np.full(a.rows, np.nan)) * scale
+        vb = full[1] if full is not None else b.columns.get(column, np.full(b.rows, np.nan)) * scale
+        exact = (summarize(va[~a.dry_run & np.isfinite(va)]), summarize(vb[~b.dry_run & np.isfinite(vb)]))
+    row, da, db = compare_hists(name, unit, ha, hb, opts, exact)
+    designs[name] = (da, db)
+    return row
+
+
+def _units(a: AnyTable, b: AnyTable, designs: dict[str, tuple[Design, Design]], binned: bool) -> tuple[Units, Units]:
+    out = []
+    for i, t in enumerate((a, b)):
+        boards = sum(1 for k in t.counts("board") if k is not None)
+        boots = sum(1 for k in t.counts("boot") if k is not None)
+        kinds = {d[i].kind for d in designs.values()} if binned else {"records"}
+        kind = "boards" if "boards" in kinds else "boots" if "boots" in kinds else "records"
+        out.append(Units(t.rows, boards, boots, kind))
+    return out[0], out[1]
+
+
 def _per_gib(t: RecordTable, column: str, scale: float) -> FloatArray:
-    keep = ~t.dry_run
-    vals, rss = t.columns[column][keep], t.columns["rss_kib"][keep]
-    ok = ~np.isnan(vals) & ~np.isnan(rss) & (rss > 0)
-    return np.asarray(vals[ok] * scale / (rss[ok] / KIB_PER_GIB), dtype=np.float64)
+    """Every row's ``column`` x ``scale`` per GiB of its victim (NaN where either is unknown or the size 0)."""
+    vals, rss = t.columns[column], t.columns["rss_kib"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = vals * scale / (rss / KIB_PER_GIB)
+    return np.where(np.isfinite(out) & (rss > 0), out, np.nan)
 
 
-def _size_check(a: RecordTable, b: RecordTable, metrics: list[Metric], opts: BootstrapOptions, cmp: Comparison) -> None:
-    ra, rb = a.values("rss_kib"), b.values("rss_kib")
-    if ra.size == 0 or rb.size == 0:
-        return
-    p = float(stats.ks_2samp(ra, rb).pvalue)
-    ma, mb = float(np.median(ra)), float(np.median(rb))
+def _size_check(a: AnyTable, b: AnyTable, metrics: list[Metric], opts: BootstrapOptions, cmp: Comparison,
+                designs: dict[str, tuple[Design, Design]] | None) -> None:
+    if isinstance(a, RecordTable) and isinstance(b, RecordTable):
+        ra, rb = a.values("rss_kib") / 1024, b.values("rss_kib") / 1024
+        if ra.size == 0 or rb.size == 0:
+            return
+        p = float(stats.ks_2samp(ra, rb).pvalue)
+        ma, mb = float(np.median(ra)), float(np.median(rb))
+    else:
+        from lmkd_py.report.fleetstats import ks_binned, median_of
+
+        ha, hb = a.hist("rss_kib", 1 / 1024), b.hist("rss_kib", 1 / 1024)
+        pk, mda, mdb = ks_binned(ha, hb), median_of(ha), median_of(hb)
+        if pk is None or mda is None or mdb is None:
+            return
+        p, ma, mb = pk, mda, mdb
     if not p < SIZE_DIFF_P or abs(ma - mb) < SIZE_DIFF_MIN_SHARE * max(ma, mb):
         return
     cmp.warnings.append(
         f"victim sizes differ between the sides (two-sample KS p={p:.2g}; median "
-        f"{ma / 1024:.0f} MiB vs {mb / 1024:.0f} MiB): latencies scale with size, "
+        f"{ma:.0f} MiB vs {mb:.0f} MiB): latencies scale with size, "
         f"so per-GiB rows (value / victim RSS in GiB) are added"
     )
     measured = {r.name for r in cmp.rows if r.a.n or r.b.n}
     for m in metrics:
         if m.unit in PER_GIB_UNITS and "." not in m.name and m.name in measured:
-            cmp.rows.append(
-                compare_values(
-                    f"{m.name}_per_gib",
-                    f"{m.unit}/GiB",
-                    _per_gib(a, m.column, m.scale),
-                    _per_gib(b, m.column, m.scale),
-                    opts,
-                )
-            )
+            name, unit = f"{m.name}_per_gib", f"{m.unit}/GiB"
+            if designs is None:
+                assert isinstance(a, RecordTable) and isinstance(b, RecordTable)  # the exact path
+                va, vb = _per_gib(a, m.column, m.scale), _per_gib(b, m.column, m.scale)
+                cmp.rows.append(compare_values(name, unit, va[~a.dry_run & np.isfinite(va)],
+                                               vb[~b.dry_run & np.isfinite(vb)], opts))
+            elif isinstance(a, RecordTable) and isinstance(b, RecordTable):
+                full = (_per_gib(a, m.column, m.scale), _per_gib(b, m.column, m.scale))
+                cmp.rows.append(_binned_row(name, unit, a, b, m.column, m.scale, opts, designs, full))
+            else:
+                cmp.rows.append(_binned_row(name, unit, a, b, f"{m.column}/gib", 1.0, opts, designs))
 
 
-def _warn(a: RecordTable, b: RecordTable, cmp: Comparison, opts: BootstrapOptions) -> None:
+def _warn(a: AnyTable, b: AnyTable, cmp: Comparison, opts: BootstrapOptions) -> None:
     empty = [r.name for r in cmp.rows if r.a.n == 0 and r.b.n == 0]
     if empty:
         cmp.warnings.append(f"no values on either side for: {', '.join(empty)}")
@@ -286,17 +386,19 @@ def _warn(a: RecordTable, b: RecordTable, cmp: Comparison, opts: BootstrapOption
                 f"{label}: fewer than {SMALL_N} values for {', '.join(small)}: CIs and p-values are rough"
             )
         big = max((s.n for _, s, _ in sides), default=0)
-        if big > opts.max_n:
+        if big > opts.max_n and (cmp.units is None or cmp.units[0 if is_a else 1].design == "records") \
+                and isinstance(a, RecordTable) and not clustered(a) and not clustered(b) and not opts.paired:
             cmp.warnings.append(
                 f"{label}: up to {big} values per metric; CIs bootstrapped from a random subsample of "
                 f"{opts.max_n} (conservative: wider than the full data warrants)"
             )
     _confounder_warnings(a, b, cmp)
+    _cluster_warnings(cmp, opts)
     for label, t in ((cmp.label_a, a), (cmp.label_b, b)):
-        if t.rows and t.dry_run.all():
+        if t.rows and t.dry_runs == t.rows:
             cmp.warnings.append(f"{label}: all {t.rows} records are dry runs (no latencies)")
         for cat in ("kernel_release", "machine_model"):
-            seen = [k for k in t.categories[cat].counts() if k is not None]
+            seen = [k for k in t.counts(cat) if k is not None]
             if len(seen) > 1:
                 # A few of them, each cut short: a hostile file can hold thousands of long values.
                 shown = ", ".join(repr(k[:80]) for k in seen[:5])
@@ -310,12 +412,30 @@ def _few(values: list[str], shown: int = 3) -> str:
     return out + (f" and {len(values) - shown} more" if len(values) > shown else "")
 
 
-def _confounder_warnings(a: RecordTable, b: RecordTable, cmp: Comparison) -> None:
+def _cluster_warnings(cmp: Comparison, opts: BootstrapOptions) -> None:
+    """Say how the CIs were resampled when records come from several boards or boots, and what that
+    means for the p-values; and when --paired found no board on both sides."""
+    if cmp.units is None or all(u.design == "records" for u in cmp.units):
+        return
+    how = {"boards": "a cluster bootstrap over boards (boots within boards)", "boots": "a bootstrap over boots",
+           "records": "a bootstrap over records (nothing says where they came from)"}
+    for label, u in zip((cmp.label_a, cmp.label_b), cmp.units, strict=True):
+        cmp.warnings.append(f"{label}: {u.records} records from {u.boards} board(s), {u.boots} boot(s): "
+                            f"CIs from {how[u.design]}")
+        if u.boards == 1 and u.design != "records":
+            cmp.warnings.append(f"{label}: one board only: its CI cannot include board-to-board variation")
+    cmp.warnings.append("no Mann-Whitney p-values: they assume independent kills, and kills of one board or "
+                        "boot are not; read the cluster CIs")
+    if opts.paired and not cmp.paired_boards:
+        cmp.warnings.append("--paired: no board has records on both sides; nothing to pair")
+
+
+def _confounder_warnings(a: AnyTable, b: AnyTable, cmp: Comparison) -> None:
     """A kernel A/B is only as good as what else was held equal: name each setting whose known values
     differ between the sides, and say when a side's records cannot tell (made before the block existed)."""
     for name in CONFOUNDERS:
-        va = sorted(k for k in a.categories[name].counts() if k is not None)
-        vb = sorted(k for k in b.categories[name].counts() if k is not None)
+        va = sorted(k for k in a.counts(name) if k is not None)
+        vb = sorted(k for k in b.counts(name) if k is not None)
         if va and vb and va != vb:
             cmp.warnings.append(
                 f"confounder {name} differs: {cmp.label_a} {_few(va)} vs {cmp.label_b} {_few(vb)}; "
@@ -323,7 +443,7 @@ def _confounder_warnings(a: RecordTable, b: RecordTable, cmp: Comparison) -> Non
             )
     # page_size is known whenever the block exists: where it is unknown, the block is missing. Said only
     # when some records have it (two sets of old records alone would get this line on every compare).
-    missing = {label: t.categories["page_size"].counts().get(None, 0) for label, t in
+    missing = {label: t.counts("page_size").get(None, 0) for label, t in
                ((cmp.label_a, a), (cmp.label_b, b))}
     if sum(missing.values()) == a.rows + b.rows:
         return

@@ -45,7 +45,8 @@ _SLOTS = {
     "start_ns": 900000000012,
     "end_ns": 900000000013,
 }
-_TEXT_SLOTS = {"record_id": "@@ID@@", "kernel_release": "@@KREL@@", "machine_model": "@@MODEL@@"}
+_TEXT_SLOTS = {"record_id": "@@ID@@", "kernel_release": "@@KREL@@", "machine_model": "@@MODEL@@",
+               "machine_id": "@@MID@@", "boot_id": "@@BOOT@@"}
 _FLOAT_SLOT = ("throughput", 900000000014.5)
 
 
@@ -74,7 +75,8 @@ def _template(timeline: bool) -> str:
             freed_by_victim_kib={"anon": s["freed_victim_kib"]},
         ),
         provenance=Provenance(
-            kernel_release=_TEXT_SLOTS["kernel_release"], machine_model=_TEXT_SLOTS["machine_model"], arch="x86_64"
+            kernel_release=_TEXT_SLOTS["kernel_release"], machine_model=_TEXT_SLOTS["machine_model"], arch="x86_64",
+            machine_id=_TEXT_SLOTS["machine_id"], boot_id=_TEXT_SLOTS["boot_id"],
         ),
     )
     text = record_json(rec).replace("{", "{{").replace("}", "}}")
@@ -107,6 +109,23 @@ class SynthSpec:
     machine_model: str = "synthetic machine"
     dry_run_share: float = 0.0
     timeline: bool = True  # False: no kernel timeline (as before tracing lands)
+    # A fleet: records spread evenly over ``boards`` boards (0: no machine or boot id, as before), each
+    # with ``boots`` boots; every latency of a board is multiplied by its own factor exp(N(0,
+    # board_sigma)), drawn from ``board_seed`` and the board's number, so two specs with the same
+    # board_seed (a paired design: the same boards on both kernels) share their boards' factors.
+    boards: int = 0
+    boots: int = 1
+    board_sigma: float = 0.0
+    board_seed: int = 0
+    first_board: int = 0  # board numbers start here (two sides on different boards: disjoint ranges)
+
+
+def board_factors(spec: SynthSpec) -> np.ndarray:
+    """The latency factor of each of ``spec``'s boards."""
+    return np.array([
+        np.exp(np.random.default_rng([spec.board_seed, spec.first_board + b]).normal(0.0, spec.board_sigma))
+        for b in range(spec.boards)
+    ])
 
 
 def _num(x: float) -> str:
@@ -134,10 +153,18 @@ def synthetic_lines(spec: SynthSpec) -> Iterator[str]:
     freed_v = rss_kib - freed_r
     throughput = rss_kib / 1024 / (total / 1e9)
     dry = rng.random(n) < spec.dry_run_share
+    board = np.arange(n) * max(spec.boards, 1) // max(n, 1)
+    if spec.boards:
+        factor = board_factors(spec)[board]
+        for arr in (reaper, exit_mmap, total, wall, kill_to_exit, kill_to_mem, lock_r, lock_v):
+            arr *= factor
+        throughput = rss_kib / 1024 / (total / 1e9)
     release = json.dumps(spec.kernel_release)
     model = json.dumps(spec.machine_model)
     for i in range(n):
         timed = spec.timeline and not dry[i]
+        b = spec.first_board + int(board[i])
+        boot = (i * spec.boots * max(spec.boards, 1) // max(n, 1)) % spec.boots
         nan = float("nan")
         start = 1_000_000_000_000 + i * 1_000_000_000
         yield (full if timed else bare).format(
@@ -147,6 +174,8 @@ def synthetic_lines(spec: SynthSpec) -> Iterator[str]:
             status='"not_attempted"' if dry[i] else '"ok"',
             kernel_release=release,
             machine_model=model,
+            machine_id=f'"board-{b:06d}"' if spec.boards else "null",
+            boot_id=f'"boot-{b:06d}-{boot:03d}-{spec.seed}"' if spec.boards else "null",
             rss_kib=_num(rss_kib[i]),
             wall_ns=_num(nan if dry[i] else wall[i]),
             kill_to_exit_ns=_num(nan if dry[i] else kill_to_exit[i]),

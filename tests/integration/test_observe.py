@@ -437,14 +437,14 @@ HOSTILE_VICTIM = textwrap.dedent(
 
 
 def test_each_observed_kill_is_a_structured_journal_entry(
-    tracefs: Path, children: Children, tmp_path: Path
+    tracefs_root: Path, children: Children, tmp_path: Path
 ) -> None:
     """Issue 14 item 6: the record observe writes also goes, field by field, to a socket speaking
     journald's native protocol; the victim's hostile name stays inside its own field."""
     receiver = JournalReceiver(tmp_path / "journal.sock")
     try:
         with capture_logs() as logs:
-            obs = ThreadObserver(tracefs, journal=JournalSender(str(receiver.path)))
+            obs = ThreadObserver(tracefs_root, journal=JournalSender(str(receiver.path)))
             obs.start(logs)
             try:
                 victim = subprocess.Popen([sys.executable, "-c", HOSTILE_VICTIM, HOSTILE_COMM],

@@ -23,7 +23,7 @@ KILL_MODE = {"daemon", "killer", "candidates", "service", "policy", "psi", "prot
 ALLOWED: dict[str, set[str]] = {
     "lmkd_py": set(),
     "patterns": set(),  # the one room that imports re2
-    "config": {"patterns"},
+    "config": {"lean", "patterns"},
     "log": {"journal", "text"},
     "journal": set(),  # journald: priority prefixes, kill entries over the native protocol; stdlib only
     "syscalls": set(),
@@ -34,7 +34,7 @@ ALLOWED: dict[str, set[str]] = {
     "safepath": set(),  # open a directory only root or we can have changed (the records writer)
     "records": {"safepath", "text"},
     "metrics": {"lmkd_py", "safepath"},  # the node_exporter textfile; stdlib only (daemon's resident memory)
-    "provenance": {"lmkd_py", "records"},
+    "provenance": {"lmkd_py", "lean", "records"},
     "status": {"text"},  # the status file the daemon keeps and lmkd-py status reads
     "psi": {"config", "procfs"},
     "policy": {"config", "patterns", "procfs"},

@@ -128,3 +128,17 @@ def test_real_read_on_this_machine() -> None:
     cmdline = Path("/proc/cmdline").read_text()
     assert c.kernel_cmdline is not None and c.kernel_cmdline.value is not None
     assert all(word in cmdline for word in c.kernel_cmdline.value.split())
+
+
+def test_machine_id_is_an_app_specific_hash_never_the_id_itself(tmp_path: Path) -> None:
+    from lmkd_py.provenance import machine_id
+
+    (tmp_path / "machine-id").write_text("0123456789abcdef0123456789abcdef\n")
+    got = machine_id(tmp_path)
+    assert got is not None and len(got) == 32 and got != "0123456789abcdef0123456789abcdef"
+    assert machine_id(tmp_path) == got  # stable: the same board across boots
+    (tmp_path / "machine-id").write_text("fedcba9876543210fedcba9876543210\n")
+    assert machine_id(tmp_path) not in (None, got)
+    (tmp_path / "machine-id").write_text("uninitialized\n")
+    assert machine_id(tmp_path) is None
+    assert machine_id(tmp_path / "missing") is None

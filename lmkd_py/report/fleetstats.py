@@ -1,0 +1,215 @@
+"""Comparison rows from histograms (cluster.Counts): the cluster bootstrap, the paired comparison, and the
+rank and size tests on binned values (optional ``report`` extra).
+
+Used by ``compare`` whenever a side holds records of several boards or boots (the in-memory path, with
+exact point estimates), and always by the columnar path (columnar.py), whose data never exist as one
+array of values. On binned values a Mann-Whitney test treats a bin as a tie group (the normal
+approximation with the tie correction, as scipy's asymptotic method) and a KS test compares the binned
+CDFs; bins are 0.1 % wide, so both agree with the exact tests to the precision that matters here.
+
+With clusters, no p-value is given: Mann-Whitney assumes independent kills, and kills of one board are
+not; the cluster CI is the answer, and the output says so.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import numpy as np
+from scipy import stats
+
+from lmkd_py.report.cluster import (
+    Counts,
+    Design,
+    bin_values,
+    design_of,
+    fine_window,
+    paired,
+    resampled_medians,
+    wide_window,
+)
+from lmkd_py.report.data import DigestTable, Metric, metrics_for
+from lmkd_py.report.stats import (
+    CONFIDENCE,
+    NO_CI,
+    SIZE_BINS_MIB,
+    BootstrapOptions,
+    GroupReport,
+    Interval,
+    Row,
+    Side,
+    Summary,
+)
+
+
+def summary_of(h: Counts) -> Summary:
+    """n, median, p90, p99 and mean of a histogram's values (quantiles to the bin, the mean exact)."""
+    if h.n == 0:
+        return Summary(0, None, None, None, None)
+    p50, p90, p99 = h.quantiles([0.5, 0.9, 0.99])
+    return Summary(h.n, p50, p90, p99, h.total / h.n)
+
+
+def pilot_rng(opts: BootstrapOptions, name: str, side: int) -> np.random.Generator:
+    """The pilot pass's random stream of one metric and side (see cluster.resampled_medians)."""
+    return np.random.default_rng([opts.seed, zlib.crc32(name.encode()), side, 1])
+
+
+def _ci(x: np.ndarray) -> Interval:
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return NO_CI
+    tail = (1 - CONFIDENCE) / 2 * 100
+    lo, hi = np.percentile(x, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def compare_hists(
+    name: str,
+    unit: str,
+    ha: Counts,
+    hb: Counts,
+    opts: BootstrapOptions,
+    exact: tuple[Summary, Summary] | None = None,
+) -> tuple[Row, Design, Design]:
+    """One comparison row (B - A) from histograms, and each side's resampling design.
+
+    ``exact``: the sides' summaries from every value, when the caller has them (the in-memory path);
+    else they are read from the histograms. CIs: each side's median resampled by its design, the
+    difference and its ratio from the same resamples. With ``opts.paired`` the difference is A's median x
+    (the geometric mean over common boards of B/A - 1), its CI bootstrapped over those boards.
+    """
+    rng = np.random.default_rng([opts.seed, zlib.crc32(name.encode())])
+    sa, sb = exact if exact is not None else (summary_of(ha), summary_of(hb))
+    da, db = design_of(ha), design_of(hb)
+    res: list[np.ndarray | None] = [None, None]
+    for i, (h, d) in enumerate(((ha, da), (hb, db))):
+        if h.n >= 2:
+            res[i] = resampled_medians(h, d.kind, opts.resamples, rng, pilot_rng(opts, name, i))
+    ci_a = _ci(res[0]) if res[0] is not None else NO_CI
+    ci_b = _ci(res[1]) if res[1] is not None else NO_CI
+    diff = diff_pct = None
+    diff_ci = pct_ci = NO_CI
+    if sa.median is not None and sb.median is not None:
+        diff = sb.median - sa.median
+        diff_pct = 100.0 * diff / sa.median if sa.median != 0 else None
+    ra, rb = res
+    if ra is not None and rb is not None:
+        diff_ci = _ci(rb - ra)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            pct_ci = _ci(100.0 * (rb - ra) / ra)
+    if opts.paired:
+        diff, diff_pct, diff_ci, pct_ci = _paired(ha, hb, sa, rng, opts)
+    p_value = None
+    if da.kind == "records" and db.kind == "records" and exact is None and not opts.paired:
+        p_value = mwu_binned(ha, hb)
+    sides = (Side(sa.n, sa.median, ci_a, sa.p90, sa.mean), Side(sb.n, sb.median, ci_b, sb.p90, sb.mean))
+    return Row(name, unit, *sides, diff, diff_pct, diff_ci, p_value, pct_ci), da, db
+
+
+def _paired(
+    ha: Counts, hb: Counts, sa: Summary, rng: np.random.Generator, opts: BootstrapOptions
+) -> tuple[float | None, float | None, Interval, Interval]:
+    pr = paired(ha, hb, opts.resamples, rng, CONFIDENCE)
+    if pr.ratio is None or sa.median is None:
+        return None, None, NO_CI, NO_CI
+    lo, hi = pr.ratio_ci
+    pct_ci: Interval = NO_CI if lo is None or hi is None else (100 * (lo - 1), 100 * (hi - 1))
+    diff_ci: Interval = NO_CI if lo is None or hi is None else (sa.median * (lo - 1), sa.median * (hi - 1))
+    return sa.median * (pr.ratio - 1), 100 * (pr.ratio - 1), diff_ci, pct_ci
+
+
+def prefetch_tables(a: DigestTable, b: DigestTable, metrics: list[Metric], opts: BootstrapOptions) -> None:
+    """Fetch the bootstrap's matrices of every metric of two columnar sides in two scans per side (the
+    pilots' windows, then the final ones), before the rows are computed one by one."""
+    from lmkd_py.report.columnar import ColumnarHist, prefetch
+
+    for fine in (False, True):
+        sides, hists, windows = [], [], []
+        for i, t in enumerate((a, b)):
+            hs = [(m, h) for m in metrics if isinstance(h := t.hist(m.column), ColumnarHist) and h.n >= 2]
+            if not hs:
+                continue
+            sides.append(hs[0][1].side)
+            hists.append([h for _, h in hs])
+            windows.append([fine_window(h, design_of(h).kind, pilot_rng(opts, m.name, i)) if fine else wide_window(h)
+                            for m, h in hs])
+        prefetch(sides, hists, windows)
+
+
+def paired_boards(ha: Counts, hb: Counts) -> int:
+    """Boards (known) with values on both sides."""
+    return len(ha.board_set() & hb.board_set())
+
+
+def _merged(ha: Counts, hb: Counts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ba, ca = ha.pooled()
+    bb, cb = hb.pooled()
+    bins = np.union1d(ba, bb)
+    a = np.zeros(bins.size)
+    b = np.zeros(bins.size)
+    a[np.searchsorted(bins, ba)] = ca
+    b[np.searchsorted(bins, bb)] = cb
+    return bins, a, b
+
+
+def mwu_binned(ha: Counts, hb: Counts) -> float | None:
+    """Two-sided Mann-Whitney U p-value, bins as tie groups (normal approximation, tie-corrected,
+    continuity-corrected). None when a side is empty or every value ties."""
+    na, nb = ha.n, hb.n
+    if na == 0 or nb == 0:
+        return None
+    _, a, b = _merged(ha, hb)
+    t = a + b
+    below = np.cumsum(t) - t
+    mid_rank = below + (t + 1) / 2
+    u = float((a * mid_rank).sum()) - na * (na + 1) / 2
+    n = na + nb
+    ties = float((t**3 - t).sum())
+    var = na * nb / 12 * ((n + 1) - ties / (n * (n - 1))) if n > 1 else 0.0
+    if var <= 0:
+        return None
+    z = (abs(u - na * nb / 2) - 0.5) / math.sqrt(var)
+    return float(min(1.0, 2 * stats.norm.sf(max(z, 0.0))))
+
+
+def ks_binned(ha: Counts, hb: Counts) -> float | None:
+    """Two-sample KS p-value (asymptotic) on the binned CDFs; None when a side is empty."""
+    na, nb = ha.n, hb.n
+    if na == 0 or nb == 0:
+        return None
+    _, a, b = _merged(ha, hb)
+    d = float(np.abs(np.cumsum(a) / na - np.cumsum(b) / nb).max())
+    en = math.sqrt(na * nb / (na + nb))
+    return float(stats.kstwobign.sf(en * d))
+
+
+def digest_report(key: tuple[str | None, ...], t: DigestTable, group_by: str | None) -> GroupReport:
+    """The report of one group (kernel release, machine model[, setting value]) from its digest."""
+    rss = t.hist("rss_kib")
+    bins, counts = rss.pooled()
+    mib = bin_values(bins)
+    edges = np.array(SIZE_BINS_MIB)
+    which = np.searchsorted(edges, mib, side="right") - 1
+    per_bin = np.bincount(which[which >= 0], weights=counts[which >= 0], minlength=len(edges) - 1)
+    size_bins = [(SIZE_BINS_MIB[i], SIZE_BINS_MIB[i + 1], int(per_bin[i])) for i in range(len(edges) - 1)]
+    return GroupReport(
+        kernel_release=key[0],
+        machine_model=key[1],
+        records=t.rows,
+        dry_runs=t.dry_runs,
+        outcomes=t.counts("outcome"),
+        mrelease_status=t.counts("mrelease_status"),
+        errno={k: v for k, v in t.counts("errno").items() if k is not None},
+        metrics=[(m, summary_of(t.hist(m.column))) for m in metrics_for(t)],
+        size_bins=size_bins,
+        setting=(group_by, key[2]) if group_by is not None else None,
+    )
+
+
+def median_of(h: Counts) -> float | None:
+    return h.quantiles([0.5])[0]
+
+
+__all__ = ["bin_values", "compare_hists", "ks_binned", "median_of", "mwu_binned", "paired_boards", "summary_of"]
