@@ -17,8 +17,9 @@ Runs, each a real ``lmkd-py`` started as the service starts it (``--config confi
 4. the peers, where installed (``--no-peers`` skips; without ``--smoke`` the benchmark installs the Debian
    packages ``earlyoom`` and ``nohang`` when missing): earlyoom ``--dryrun`` and nohang idle, same run.
 
-Figures: VmRSS; Locked (smaps_rollup: locked and resident, what mlockall costs the machine); VmLck (what the
-kernel counts against RLIMIT_MEMLOCK: every VMA flagged locked, resident or not); idle CPU. Then the
+Start-up is timed from compiled bytecode, as an installed lmkd-py starts (PYTHONDONTWRITEBYTECODE is
+dropped for the daemons and the bytecode written once first). Figures: VmRSS; Locked (smaps_rollup:
+locked and resident, what mlockall costs the machine); VmLck (what the kernel counts against RLIMIT_MEMLOCK: every VMA flagged locked, resident or not); idle CPU. Then the
 resident cost of each import on the daemon's path in a fresh interpreter, in the order the daemon makes them.
 
 ``--smoke``: 2 s of idle per run and no peer installation (it still measures peers already installed).
@@ -106,13 +107,24 @@ def status(pid: int) -> dict[str, int]:
     return out
 
 
+# Start-up as an installed lmkd-py starts: from compiled bytecode (pip compiles it at install time). An
+# environment with PYTHONDONTWRITEBYTECODE (this project's machines have it) would otherwise compile ~50
+# modules at every start (~50 ms here).
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
+def warm_bytecode() -> None:
+    subprocess.run([sys.executable, "-c", "import lmkd_py.cli, lmkd_py.service, lmkd_py.observe, lmkd_py.config"],
+                   env=ENV, check=True, timeout=120)
+
+
 class Lmkd:
     """One lmkd-py process; stderr (JSON logs) drained by a thread that notes when it is ready."""
 
     def __init__(self, args: list[str]) -> None:
         self.t0 = time.monotonic()
         self.p = subprocess.Popen([sys.executable, "-m", "lmkd_py.cli", *args, "--log-format", "json"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
         self.lines: list[str] = []
         self.ready_s: float | None = None
         self._ready = threading.Event()
@@ -307,6 +319,7 @@ def main() -> None:
     args = parse_args(ap, smoke={"idle": 2.0})
     if os.geteuid() != 0:
         broken("needs root (real mode, memory cgroups, tracefs)")
+    warm_bytecode()
     with tempfile.TemporaryDirectory(prefix="lmkd-py-bench-") as tmp_s:
         tmp = Path(tmp_s)
         whole_ready, whole = run_whole_machine(tmp, args.idle)
