@@ -19,8 +19,9 @@ Runs, each a real ``lmkd-py`` started as the service starts it (``--config confi
 
 Start-up is timed from compiled bytecode, as an installed lmkd-py starts (PYTHONDONTWRITEBYTECODE is
 dropped for the daemons and the bytecode written once first). Figures: VmRSS; Locked (smaps_rollup:
-locked and resident, what mlockall costs the machine); VmLck (what the kernel counts against RLIMIT_MEMLOCK: every VMA flagged locked, resident or not); idle CPU. Then the
-resident cost of each import on the daemon's path in a fresh interpreter, in the order the daemon makes them.
+locked and resident, what mlockall costs the machine); VmLck (what the kernel counts against
+RLIMIT_MEMLOCK: every VMA flagged locked, resident or not); idle CPU. Then the resident cost of each
+import on the daemon's path in a fresh interpreter, in the order the daemon makes them.
 
 ``--smoke``: 2 s of idle per run and no peer installation (it still measures peers already installed).
 """
