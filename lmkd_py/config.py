@@ -619,7 +619,7 @@ def _restates(value: object, default: object) -> bool:
         return (isinstance(value, list) and len(value) == len(default)
                 and all(_restates(v, d) for v, d in zip(value, default, strict=True)))
     if isinstance(default, bool) or isinstance(value, bool):
-        return type(value) is bool and value == default
+        return type(value) is bool and type(default) is bool and value == default
     if isinstance(default, float):
         return type(value) in (int, float) and value == default
     if type(default) in (int, str):

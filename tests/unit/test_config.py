@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from lmkd_py.config import Config, ConfigError, load_config, load_config_isolated, parse_config
@@ -376,6 +376,7 @@ def test_the_shipped_file_restates_the_defaults() -> None:
 
 
 @settings(max_examples=400, deadline=None)
+@example({"pressure": {"mem_floor_min_oom_score_adj": False}})
 @given(mutated_defaults())
 def test_a_document_said_to_restate_the_defaults_is_the_defaults(doc: dict[str, Any]) -> None:
     """Exactness: whatever restates_defaults accepts, the validator reads as Config() too."""
@@ -388,6 +389,7 @@ def test_a_document_said_to_restate_the_defaults_is_the_defaults(doc: dict[str, 
 @pytest.mark.parametrize(
     ("path", "value"),
     [(("dry_run",), 0), (("kill", "mrelease"), 1), (("kill", "exit_timeout_ms"), 3000.0), (("mode",), "observe"),
+     (("pressure", "mem_floor_min_oom_score_adj"), False),  # found by the property test: False == 0
      (("pressure", "mem_floor_pct"), 0), (("candidates", "recheck_top"), True), (("nope",), 1)],
 )
 def test_a_near_restatement_goes_to_the_validator(path: tuple[str, ...], value: object) -> None:
