@@ -22,6 +22,7 @@ from scipy import stats
 from lmkd_py.report.cluster import (
     Counts,
     Design,
+    WeightCache,
     bin_values,
     design_of,
     fine_window,
@@ -72,6 +73,7 @@ def compare_hists(
     hb: Counts,
     opts: BootstrapOptions,
     exact: tuple[Summary, Summary] | None = None,
+    caches: tuple[WeightCache, WeightCache] | None = None,
 ) -> tuple[Row, Design, Design]:
     """One comparison row (B - A) from histograms, and each side's resampling design.
 
@@ -79,6 +81,7 @@ def compare_hists(
     else they are read from the histograms. CIs: each side's median resampled by its design, the
     difference and its ratio from the same resamples. With ``opts.paired`` the difference is A's median x
     (the geometric mean over common boards of B/A - 1), its CI bootstrapped over those boards.
+    ``caches``: each side's resample weights, shared by the metrics of one comparison (WeightCache).
     """
     rng = np.random.default_rng([opts.seed, zlib.crc32(name.encode())])
     sa, sb = exact if exact is not None else (summary_of(ha), summary_of(hb))
@@ -86,7 +89,8 @@ def compare_hists(
     res: list[np.ndarray | None] = [None, None]
     for i, (h, d) in enumerate(((ha, da), (hb, db))):
         if h.n >= 2:
-            res[i] = resampled_medians(h, d.kind, opts.resamples, rng, pilot_rng(opts, name, i))
+            cache = caches[i] if caches is not None else None
+            res[i] = resampled_medians(h, d.kind, opts.resamples, rng, pilot_rng(opts, name, i), cache)
     ci_a = _ci(res[0]) if res[0] is not None else NO_CI
     ci_b = _ci(res[1]) if res[1] is not None else NO_CI
     diff = diff_pct = None

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from lmkd_py.report.cluster import Design
+from lmkd_py.report.cluster import Design, WeightCache
 from lmkd_py.report.data import (
     CONFOUNDERS,
     KIB_PER_GIB,
@@ -273,6 +273,10 @@ def compare_tables(a: AnyTable, b: AnyTable, label_a: str, label_b: str, opts: B
     exact = isinstance(a, RecordTable) and isinstance(b, RecordTable)
     binned = not exact or opts.paired or clustered(a) or clustered(b)
     designs: dict[str, tuple[Design, Design]] = {}
+    caches = None
+    if binned:
+        # One set of resample weights per side for every metric (cluster.WeightCache).
+        caches = (WeightCache([opts.seed, 0xA]), WeightCache([opts.seed, 0xB]))
     if isinstance(a, DigestTable) and isinstance(b, DigestTable):
         from lmkd_py.report.fleetstats import prefetch_tables
 
@@ -284,7 +288,7 @@ def compare_tables(a: AnyTable, b: AnyTable, label_a: str, label_b: str, opts: B
                 compare_values(m.name, m.unit, a.values(m.column) * m.scale, b.values(m.column) * m.scale, opts)
             )
             continue
-        cmp.rows.append(_binned_row(m.name, m.unit, a, b, m.column, m.scale, opts, designs))
+        cmp.rows.append(_binned_row(m.name, m.unit, a, b, m.column, m.scale, opts, designs, caches=caches))
     _size_check(a, b, metrics, opts, cmp, designs if binned else None)
     cmp.units = _units(a, b, designs, binned)
     if opts.paired:
@@ -298,7 +302,8 @@ def compare_tables(a: AnyTable, b: AnyTable, label_a: str, label_b: str, opts: B
 
 def _binned_row(name: str, unit: str, a: AnyTable, b: AnyTable, column: str, scale: float,
                 opts: BootstrapOptions, designs: dict[str, tuple[Design, Design]],
-                full: tuple[FloatArray, FloatArray] | None = None) -> Row:
+                full: tuple[FloatArray, FloatArray] | None = None,
+                caches: tuple[WeightCache, WeightCache] | None = None) -> Row:
     from lmkd_py.report.fleetstats import compare_hists
 
     if full is not None:
@@ -311,7 +316,7 @@ def _binned_row(name: str, unit: str, a: AnyTable, b: AnyTable, column: str, sca
         va = full[0] if full is not None else a.columns.get(column, np.full(a.rows, np.nan)) * scale
         vb = full[1] if full is not None else b.columns.get(column, np.full(b.rows, np.nan)) * scale
         exact = (summarize(va[~a.dry_run & np.isfinite(va)]), summarize(vb[~b.dry_run & np.isfinite(vb)]))
-    row, da, db = compare_hists(name, unit, ha, hb, opts, exact)
+    row, da, db = compare_hists(name, unit, ha, hb, opts, exact, caches)
     designs[name] = (da, db)
     return row
 
