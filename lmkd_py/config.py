@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from lmkd_py.lean import sha256_hex
 from lmkd_py.patterns import PatternError, compile_pattern
+from lmkd_py.plain import plain
 
 if TYPE_CHECKING:
     from pydantic import TypeAdapter
@@ -482,7 +483,7 @@ class Config:
         """sha256 of the canonical JSON of this config (stamped on records). The JSON is byte for byte
         what pydantic's model_dump_json wrote when the config was a pydantic model, so records keep
         their config hash across that change (tests/unit/test_config.py)."""
-        text = json.dumps(_plain(self), ensure_ascii=False, separators=(",", ":"))
+        text = json.dumps(plain(self), ensure_ascii=False, separators=(",", ":"))
         return sha256_hex(text.encode())[:16]
 
     def records_path(self) -> Path:
@@ -499,17 +500,6 @@ MAX_CONFIG_BYTES = 1 << 20  # the shipped config is ~10 KiB; a larger file is a 
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the file and the key."""
-
-
-def _plain(value: Any) -> Any:
-    """A config as JSON-ready builtins, fields in declaration order."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 def _not_json(value: object) -> str:

@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import errno as errno_mod
 import json
-import math
 import os
 import stat
 from collections.abc import Iterable, Iterator
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, Protocol, overload
 from annotated_types import Interval
 
 from lmkd_py import safepath
+from lmkd_py.plain import plain
 from lmkd_py.text import printable
 
 if TYPE_CHECKING:
@@ -291,24 +291,9 @@ class KillRecord:
     provenance: Provenance = dataclasses.field(default_factory=Provenance)
 
 
-def _plain(value: Any) -> Any:
-    """A record as JSON-ready builtins, as pydantic would dump it (NaN and infinities become null)."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, StrEnum):
-        return value.value
-    return value
-
-
 def record_dict(record: KillRecord) -> dict[str, Any]:
     """The record as JSON-ready builtins (what ``record_json`` writes)."""
-    out: dict[str, Any] = _plain(record)
+    out: dict[str, Any] = plain(record)
     return out
 
 

@@ -324,7 +324,7 @@ def test_config_hash_is_the_hash_pydantic_would_give() -> None:
 
 def _default_doc() -> dict[str, Any]:
     """The defaults as a TOML document would write them (no nulls: TOML has none)."""
-    from lmkd_py.config import _plain
+    from lmkd_py.plain import plain as _plain
 
     def strip(v: Any) -> Any:
         if isinstance(v, dict):

@@ -23,7 +23,7 @@ KILL_MODE = {"daemon", "killer", "candidates", "service", "policy", "psi", "prot
 ALLOWED: dict[str, set[str]] = {
     "lmkd_py": set(),
     "patterns": set(),  # the one room that imports re2
-    "config": {"lean", "patterns"},
+    "config": {"lean", "patterns", "plain"},
     "log": {"journal", "text"},
     "journal": set(),  # journald: priority prefixes, kill entries over the native protocol; stdlib only
     "syscalls": set(),
@@ -31,8 +31,9 @@ ALLOWED: dict[str, set[str]] = {
     "procfs": set(),
     "text": set(),  # printable(): text from processes and record files made safe to show
     "lean": set(),  # what the long-running processes do not load (asyncio behind structlog)
+    "plain": set(),  # dataclasses as JSON builtins: the records writer and the config digest
     "safepath": set(),  # open a directory only root or we can have changed (the records writer)
-    "records": {"safepath", "text"},
+    "records": {"plain", "safepath", "text"},
     "metrics": {"lmkd_py", "safepath"},  # the node_exporter textfile; stdlib only (daemon's resident memory)
     "provenance": {"lmkd_py", "lean", "records"},
     "status": {"text"},  # the status file the daemon keeps and lmkd-py status reads
