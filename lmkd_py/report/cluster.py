@@ -3,20 +3,23 @@ boards (boots within boards) and the paired comparison (optional ``report`` extr
 
 Kills on one board, in one boot, are not independent: a board's memory, firmware and workload move all
 its kills together. Resampling kills as if independent then gives intervals that are too narrow (the
-synthetic fleets of tests/unit/test_cluster.py show it). The cluster bootstrap resamples whole boards
+synthetic fleets of tests/unit/test_fleet.py show it). The cluster bootstrap resamples whole boards
 with replacement and, within each board drawn, its boots with replacement; a median is then taken over
 every kill of the boots drawn, each counted as often as it was drawn.
 
 Values are kept as histograms: per boot, the count of values in each bin of a log-spaced grid of
 relative width ``REL_WIDTH`` (0.1 %; a bin's value is its geometric middle, so any quantile read from
 it is within 0.05 % of the exact one). Memory is then bounded by boots x bins occupied, never by
-records, which is what lets the columnar engine hand over a month of a fleet (columnar.py) and what
-makes a resample one matrix product (weights per boot x counts per boot and bin).
+records, which is what lets the columnar engine hand over a month of a fleet (columnar.py). A resample
+needs of each boot only its counts near the median (side_medians): one matrix product for the counts
+below and above a narrow window, one sparse product inside it.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -31,14 +34,6 @@ LOG_STEP = math.log1p(REL_WIDTH)
 # Bin numbers: 0 is the value 0; positive values from OFFSET up (ln of 1e-300 / LOG_STEP is > -OFFSET);
 # negative values (none in a sane record, but the input is untrusted) mirror them below zero.
 OFFSET = 1 << 20
-# The bootstrap's widest window: the pooled values' quantiles WINDOW_Q .. 1 - WINDOW_Q on at most
-# WINDOW_BINS columns (see resampled_medians for the narrower ones it uses first).
-WINDOW_Q = 0.02
-WINDOW_BINS = 1024
-DRAW_VALUES = 20_000  # up to this many values, an independent resample draws values, not counts
-BATCH = 64  # resamples per matrix product: bounds memory at BATCH x boots floats
-
-
 def to_bins(values: FloatArray) -> IntArray:
     """The bin number of each (finite) value."""
     out = np.zeros(values.shape, dtype=np.int64)
@@ -101,17 +96,27 @@ class Hist:
     def board_medians(self) -> dict[str, float]:
         return board_medians(self)
 
-    def _units(self) -> IntArray:
-        return np.unique(self.boot)
-
     def unit_boards(self) -> IntArray:
-        return self.boot_board[self._units()]
+        return self.boot_board
 
-    def matrix(self, w: Window) -> npt.NDArray[np.float32]:
-        units = self._units()
-        m = np.zeros((units.size, w.width + 2), dtype=np.float32)
-        np.add.at(m, (np.searchsorted(units, self.boot), w.column(self.bins)), self.count.astype(np.float32))
-        return m
+    def spread(self) -> float:
+        """spread_of this metric's units (the unknown board, None, is one board, as resampling has it)."""
+        units = self.boot_board.size
+        n = np.bincount(self.boot, weights=self.count, minlength=units)
+        low = self.bins < median_bin(*self.pooled())
+        below = np.bincount(self.boot[low], weights=self.count[low], minlength=units)
+        return spread_of(self.boot_board, n, below)
+
+    def window_counts(self, w: Window) -> WindowCounts:
+        units = self.boot_board.size
+        col = w.column(self.bins)
+        count = self.count.astype(np.float32)
+        below, above, inside = col == 0, col == w.width + 1, (col > 0) & (col <= w.width)
+        return WindowCounts(
+            np.bincount(self.boot[below], weights=count[below], minlength=units).astype(np.float32),
+            np.bincount(self.boot[above], weights=count[above], minlength=units).astype(np.float32),
+            self.boot[inside], col[inside], count[inside],
+        )
 
     def quantiles(self, qs: list[float]) -> list[float | None]:
         return quantiles(*self.pooled(), qs)
@@ -136,11 +141,18 @@ def quantiles(bins: IntArray, counts: IntArray, qs: list[float]) -> list[float |
 
 
 def hist_of(values: FloatArray, board_codes: npt.NDArray[np.int32], boot_codes: npt.NDArray[np.int32],
-            board_labels: list[str | None]) -> Hist:
+            board_labels: list[str | None], universe: tuple[npt.NDArray[np.int32], npt.NDArray[np.int32]] | None = None
+            ) -> Hist:
     """The Hist of finite ``values`` whose records came from ``board_codes``/``boot_codes`` (codes of
-    one table's categories; a boot is told apart by its board and boot code together)."""
+    one table's categories; a boot is told apart by its board and boot code together). ``universe``: the
+    board and boot codes of every record of the side, whose boots are then the units (shared by the
+    side's metrics); else the boots of these values."""
     keys = board_codes.astype(np.int64) << 32 | boot_codes.astype(np.int64)
-    ukeys, boot = np.unique(keys, return_inverse=True)
+    if universe is None:
+        ukeys, boot = np.unique(keys, return_inverse=True)
+    else:
+        ukeys = np.unique(universe[0].astype(np.int64) << 32 | universe[1].astype(np.int64))
+        boot = np.searchsorted(ukeys, keys)
     pairs = boot.reshape(-1).astype(np.int64) << 40 | (to_bins(values) + (1 << 39))
     upairs, count = np.unique(pairs, return_counts=True)
     return Hist(
@@ -180,6 +192,7 @@ class Window:
         self.lo = lo
         self.factor = max(1, math.ceil((hi - lo + 1) / columns))
         self.width = (hi - lo) // self.factor + 1
+        self.hi = lo + self.width * self.factor - 1  # the last fine bin inside (>= the hi asked for)
         inner = bin_values(lo + np.arange(self.width, dtype=np.int64) * self.factor + (self.factor - 1) // 2)
         self.values = np.concatenate([[bin_values(np.array([lo]))[0]], inner,
                                       [bin_values(np.array([lo + self.width * self.factor - 1]))[0]]])
@@ -192,9 +205,23 @@ class Window:
         return self.lo + (min(max(column, 1), self.width) - 1) * self.factor
 
 
+@dataclass
+class WindowCounts:
+    """One metric's values per unit (a boot of the side's unit universe) against a Window: ``below`` and
+    ``above`` it per unit, and inside it as (unit, column 1..width, count) triplets — sparse, since a
+    unit holds few values in the narrow window the bootstrap reads its medians from."""
+
+    below: npt.NDArray[np.float32]
+    above: npt.NDArray[np.float32]
+    unit: IntArray
+    col: IntArray
+    count: npt.NDArray[np.float32]
+
+
 class Counts(Protocol):
-    """One side's values as the bootstrap needs them: pooled fine bins, and counts per unit (a boot)
-    and window column; ``unit_boards``: the board of each unit, in the matrix's row order."""
+    """One side's values of one metric as the bootstrap needs them: pooled fine bins, and counts per unit
+    (a boot) against a window. The units are the side's, shared by all its metrics (a unit may hold no
+    value of a metric); ``unit_boards``: the board of each unit, in unit order."""
 
     @property
     def n(self) -> int: ...
@@ -221,16 +248,56 @@ class Counts(Protocol):
 
     def unit_boards(self) -> IntArray: ...
 
-    def matrix(self, w: Window) -> npt.NDArray[np.float32]: ...
+    def spread(self) -> float: ...
+
+    def window_counts(self, w: Window) -> WindowCounts: ...
 
 
-def _pooled_window(c: Counts, columns: int) -> Window:
+def median_bin(bins: IntArray, counts: IntArray) -> int:
+    """The fine bin that holds the pooled median (``bins`` sorted)."""
+    cum = np.cumsum(counts)
+    return int(bins[min(int(np.searchsorted(cum, 0.5 * float(cum[-1]), side="left")), bins.size - 1)])
+
+
+def spread_of(board: IntArray, n: npt.NDArray[np.generic], below: npt.NDArray[np.generic]) -> float:
+    """How far resampling can move the share of values below the pooled median: a bound on its standard
+    deviation, from each unit's count of values (``n``) and of values below the median's bin (``below``),
+    ``board`` the board of each unit.
+
+    With p the pooled share below, d_u = below_u - p n_u and D_b the sum of a board's d_u, drawing boards
+    with replacement moves the count below by sum D_b^2 in variance, drawing boots within the boards drawn
+    by at most sum d_u^2 more, drawing values independently by p (1 - p) N; the sum of the three bounds
+    every design (the covariances left out are negative)."""
+    nf, bf = np.asarray(n, dtype=np.float64), np.asarray(below, dtype=np.float64)
+    total = float(nf.sum())
+    if total <= 0:
+        return 1.0
+    p = float(bf.sum()) / total
+    d = bf - p * nf
+    per_board = np.bincount(board, weights=d) if board.size else np.zeros(0)
+    var = float((per_board * per_board).sum() + (d * d).sum()) + p * (1 - p) * total
+    return math.sqrt(var) / total
+
+
+# The window's half-width, in shares of the pooled values either side of the median: Z_WINDOW x spread
+# (spread_of: a bound on the standard deviation of the share below the median under resampling). The
+# largest of 2,000 resampled deviations is ~3.9 of them; should a resampled median fall outside all the
+# same, the window widens (side_medians).
+Z_WINDOW = 6.0
+FINE_COLUMNS = 2048  # columns of the window: fine bins (0.1 %) unless it spans more than 2,048 of them
+WIDEN = 4.0
+
+
+def window_for(c: Counts, half: float) -> Window:
+    """The window over the pooled values' quantiles 0.5 - half .. 0.5 + half (all of them from 0.5 on)."""
     bins, counts = c.pooled()
     cum = np.cumsum(counts)
     total = int(cum[-1])
-    lo = int(bins[int(np.searchsorted(cum, WINDOW_Q * total, side="left"))])
-    hi = int(bins[min(int(np.searchsorted(cum, (1 - WINDOW_Q) * total, side="left")), bins.size - 1)])
-    return Window(lo, hi, columns)
+    if half >= 0.5:
+        return Window(int(bins[0]), int(bins[-1]), FINE_COLUMNS)
+    lo = int(bins[int(np.searchsorted(cum, (0.5 - half) * total, side="left"))])
+    hi = int(bins[min(int(np.searchsorted(cum, (0.5 + half) * total, side="left")), bins.size - 1)])
+    return Window(lo, hi, FINE_COLUMNS)
 
 
 def _weights(board_of_unit: IntArray, resample_boots: bool, rng: np.random.Generator, batch: int
@@ -262,31 +329,9 @@ def _weights(board_of_unit: IntArray, resample_boots: bool, rng: np.random.Gener
     return counts.reshape(batch, nu).astype(np.float32)
 
 
-class WeightCache:
-    """The final pass's resample weights of one side, shared by every metric of that side whose units
-    (boots, in board order) are the same. Drawing them (boards with replacement, boots within boards)
-    took ~30 of 41 s of a 1 M-record compare, redrawn for each of ~15 metrics; shared, the metrics of a side
-    are resampled jointly (the same boards drawn for all of them), which is a bootstrap of the same design.
-    Stored as uint8 counts (multiplicities stay far below 256), so 2,000 resamples of 20,000 boots take
-    ~40 MiB per side. Its own random stream, so results do not depend on the order of the metrics."""
-
-    def __init__(self, seed: list[int]) -> None:
-        self._rng = np.random.default_rng(seed)
-        self._store: dict[tuple[bytes, bool, int, int], npt.NDArray[np.generic]] = {}
-
-    def weights(self, board_of_unit: IntArray, resample_boots: bool, start: int, batch: int
-                ) -> npt.NDArray[np.float32]:
-        key = (board_of_unit.tobytes(), resample_boots, start, batch)
-        stored = self._store.get(key)
-        if stored is None:
-            w = _weights(board_of_unit, resample_boots, self._rng, batch)
-            stored = w.astype(np.uint8) if w.size and float(w.max()) < 256 else w
-            self._store[key] = stored
-        return stored.astype(np.float32)
-
-
-def _medians_of(hists: npt.NDArray[np.float32], w: Window) -> FloatArray:
-    """The median of each row of ``hists`` (counts per window column): NaN for an empty row."""
+def _medians_of(hists: npt.NDArray[np.float32], w: Window) -> tuple[FloatArray, bool]:
+    """The median of each row of ``hists`` (counts per window column), NaN for an empty row; and whether
+    any fell outside the window (in column 0 or width + 1: read there, it would be the edge's value)."""
     cum = np.cumsum(hists, axis=1, dtype=np.float64)
     total = cum[:, -1]
     # The lower and upper middle order statistics (0-based ranks), averaged as numpy's median does.
@@ -294,84 +339,120 @@ def _medians_of(hists: npt.NDArray[np.float32], w: Window) -> FloatArray:
     lo = (cum > r_lo[:, None]).argmax(axis=1)
     hi = (cum > r_hi[:, None]).argmax(axis=1)
     med = (w.values[lo] + w.values[hi]) / 2
-    return np.where(total > 0, med, np.nan)
+    some = total > 0
+    outside = bool(((lo[some] == 0) | (hi[some] == w.width + 1)).any())
+    return np.where(some, med, np.nan), outside
 
 
-def _resample(m: npt.NDArray[np.float32], boards: IntArray, w: Window, design: str, resamples: int,
-              rng: np.random.Generator, cache: WeightCache | None = None) -> FloatArray:
+BATCH_CELLS = 1 << 23  # resamples x units per batch: 32 MiB of float32 weights
+DRAW_VALUES = 20_000  # up to this many values, an independent resample draws values, not counts
+
+
+def _batch(units: int) -> int:
+    return max(16, min(512, BATCH_CELLS // max(units, 1)))
+
+
+def _records_medians(c: Counts, w: Window, resamples: int, rng: np.random.Generator) -> tuple[FloatArray, bool]:
+    """Resampled medians when nothing says where values came from: values drawn independently."""
+    bins, counts = c.pooled()
+    col = np.bincount(w.column(bins), weights=counts, minlength=w.width + 2)
+    n = round(float(col.sum()))
+    cols = np.arange(col.size)
+    # Few values: draw them (b x n draws); many: draw the counts per column (cost independent of n).
+    per_value = np.repeat(cols, col.astype(np.int64)) if n <= DRAW_VALUES else None
     out = np.empty(resamples)
-    if design == "records":
-        col = m.sum(axis=0, dtype=np.float64)
-        n = round(col.sum())
-        cols = np.arange(col.size)
-        # Few values: draw them (b x n draws); many: draw the counts per column (cost independent of n).
-        per_value = np.repeat(cols, col.astype(np.int64)) if n <= DRAW_VALUES else None
-        for start in range(0, resamples, BATCH):
-            b = min(BATCH, resamples - start)
-            if per_value is not None:
-                drawn = per_value[rng.integers(0, n, size=(b, n))] + (np.arange(b) * col.size)[:, None]
-                counts = np.bincount(drawn.reshape(-1), minlength=b * col.size).reshape(b, -1)
-            else:
-                counts = rng.multinomial(n, col / col.sum(), size=b)
-            out[start : start + b] = _medians_of(counts.astype(np.float32), w)
-        return out
-    # Rows are boots; under "boards" the weights draw boards, then boots within them; under "boots"
-    # (one board) each boot stands alone.
-    board = boards if design == "boards" else np.arange(m.shape[0], dtype=np.int64)
-    for start in range(0, resamples, BATCH):
-        b = min(BATCH, resamples - start)
-        weights = (cache.weights(board, design == "boards", start, b) if cache is not None
-                   else _weights(board, design == "boards", rng, b))
-        out[start : start + b] = _medians_of(weights @ m, w)
-    return out
+    missed = False
+    for start in range(0, resamples, 64):
+        b = min(64, resamples - start)
+        if per_value is not None:
+            drawn = per_value[rng.integers(0, n, size=(b, n))] + (np.arange(b) * col.size)[:, None]
+            counts_b = np.bincount(drawn.reshape(-1), minlength=b * col.size).reshape(b, -1)
+        else:
+            counts_b = rng.multinomial(n, col / col.sum(), size=b)
+        out[start : start + b], miss = _medians_of(counts_b.astype(np.float32), w)
+        missed |= miss
+    return out, missed
 
 
-PILOT_RESAMPLES = 200
-PILOT_COLUMNS = 64
-FINE_COLUMNS = 256
-PILOT_MARGIN = 3  # coarse columns beyond the pilot's extremes: 200 pilots bound 2000 resamples loosely
+def _cluster_medians(items: list[tuple[Counts, Window]], design: str, resamples: int, seed: list[int]
+                     ) -> list[tuple[FloatArray, bool]]:
+    """Resampled medians of metrics that share their units (one side), all from the same resamples:
+    boards with replacement and boots within them ("boards") or boots alone ("boots"). Per batch of
+    resamples: the weights of every unit once, every metric's counts below and above its window in one
+    matrix product, its counts inside from a sparse product (scipy.sparse)."""
+    import scipy.sparse as sp
+
+    board = items[0][0].unit_boards()
+    units = board.size
+    if design != "boards":
+        board = np.arange(units, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    parts = [c.window_counts(w) for c, w in items]
+    edges = np.empty((units, 2 * len(items)), dtype=np.float32)
+    inner = []
+    for j, ((_, w), p) in enumerate(zip(items, parts, strict=True)):
+        edges[:, 2 * j], edges[:, 2 * j + 1] = p.below, p.above
+        inner.append(sp.csr_matrix((p.count, (p.col - 1, p.unit)), shape=(w.width, units), dtype=np.float32))
+    out = [np.empty(resamples) for _ in items]
+    missed = [False for _ in items]
+    step = _batch(units)
+    for start in range(0, resamples, step):
+        b = min(step, resamples - start)
+        weights = _weights(board, design == "boards", rng, b)  # resamples x units
+        outside = weights @ edges
+        by_unit = np.ascontiguousarray(weights.T)
+        for j, (_, w) in enumerate(items):
+            hists = np.empty((b, w.width + 2), dtype=np.float32)
+            hists[:, 0], hists[:, -1] = outside[:, 2 * j], outside[:, 2 * j + 1]
+            hists[:, 1:-1] = (inner[j] @ by_unit).T
+            out[j][start : start + b], miss = _medians_of(hists, w)
+            missed[j] |= miss
+    return list(zip(out, missed, strict=True))
 
 
-def wide_window(c: Counts) -> Window:
-    """The pilot's window: the pooled 2-98 % range on PILOT_COLUMNS columns."""
-    return _pooled_window(c, PILOT_COLUMNS)
+_DESIGN_STREAM = {"boards": 1, "boots": 2}
 
 
-def fine_window(c: Counts, design: str, pilot_rng: np.random.Generator) -> Window | None:
-    """The final pass's window: the pilot's resampled medians, PILOT_MARGIN coarse columns either side,
-    on at most FINE_COLUMNS columns. None when no resample has a median."""
-    wide = wide_window(c)
-    pilot = _resample(c.matrix(wide), c.unit_boards(), wide, design, PILOT_RESAMPLES, pilot_rng)
-    pilot = pilot[np.isfinite(pilot)]
-    if pilot.size == 0:
-        return None
-    cols = wide.column(to_bins(pilot))
-    lo, hi = wide.bin_at(int(cols.min()) - PILOT_MARGIN), wide.bin_at(int(cols.max()) + PILOT_MARGIN + 1) - 1
-    return Window(lo, max(hi, lo), FINE_COLUMNS)
+def side_medians(items: dict[str, tuple[Counts, str]], resamples: int, seed: list[int],
+                 fetch: Callable[[list[tuple[Counts, Window]]], None] | None = None) -> dict[str, FloatArray]:
+    """``resamples`` bootstrap medians of each metric of one side, keyed as ``items`` (name -> its counts
+    and design: "boards", "boots" or "records"; a metric needs n >= 2).
 
-
-def resampled_medians(c: Counts, design: str, resamples: int, rng: np.random.Generator,
-                      pilot_rng: np.random.Generator, cache: WeightCache | None = None) -> FloatArray:
-    """``resamples`` bootstrap medians of ``c`` under ``design`` ("boards", "boots" or "records").
-
-    Two passes, so that a source that computes its matrix by scanning the data (columnar.py) is asked
-    for two small matrices, never a full histogram per unit: a pilot (its own random stream, so a source
-    can run every metric's pilot before any final pass) on a coarse window over the pooled 2-98 % range
-    finds where the resampled medians fall; the final resamples use a window of at most FINE_COLUMNS
-    columns around that place (fine bins where it is narrow). Should a resampled median fall outside,
-    the pass is repeated on the wide window with fine columns. ``cache``: the final pass draws its
-    weights from the side's WeightCache (shared across metrics) instead of ``rng``; the pilot never does,
-    so that its window is the one a columnar source prefetched.
+    No pass over the values is needed to find where the resampled medians fall: each metric's window
+    spans the pooled quantiles 0.5 -/+ Z_WINDOW x spread (see Z_WINDOW), on fine bins, and a unit's
+    values outside it count only as "below" or "above". The metrics of one design share their resamples
+    (the same boards drawn for all: a bootstrap of the same design, and one draw of weights per batch
+    for them all). A metric whose resampled median falls outside its window is redone on a window
+    WIDEN times wider (the same resamples: the weights are a function of ``seed``), up to all values.
+    ``fetch``: called with the (counts, window) pairs before their window_counts are asked for (a
+    columnar source fetches them all in one scan).
     """
-    fine = fine_window(c, design, pilot_rng)
-    if fine is None:
-        return np.full(resamples, np.nan)
-    boards = c.unit_boards()
-    out = _resample(c.matrix(fine), boards, fine, design, resamples, rng, cache)
-    outside = fine.column(to_bins(out[np.isfinite(out)]))
-    if outside.size and (outside.min() == 0 or outside.max() == fine.width + 1):
-        wide = _pooled_window(c, WINDOW_BINS)
-        out = _resample(c.matrix(wide), boards, wide, design, resamples, rng, cache)
+    out: dict[str, FloatArray] = {}
+    todo = {name: (c, d, min(0.5, Z_WINDOW * c.spread())) for name, (c, d) in items.items()}
+    while todo:
+        windows = {name: window_for(c, half) for name, (c, _, half) in todo.items()}
+        if fetch is not None:
+            fetch([(c, windows[name]) for name, (c, d, _) in todo.items() if d != "records"])
+        got: dict[str, tuple[FloatArray, bool]] = {}
+        groups: dict[tuple[str, bytes], list[str]] = {}
+        for name, (c, d, _) in todo.items():
+            if d == "records":
+                rng = np.random.default_rng([*seed, zlib.crc32(name.encode())])
+                got[name] = _records_medians(c, windows[name], resamples, rng)
+            else:  # metrics of the same units (a side's, normally all) share their resamples
+                groups.setdefault((d, c.unit_boards().tobytes()), []).append(name)
+        for (design, _), names in groups.items():
+            together = _cluster_medians([(todo[n][0], windows[n]) for n in names], design, resamples,
+                                        [*seed, _DESIGN_STREAM[design]])
+            got.update(zip(names, together, strict=True))
+        again = {}
+        for name, (res, missed) in got.items():
+            c, d, half = todo[name]
+            if missed and half < 0.5:
+                again[name] = (c, d, min(0.5, half * WIDEN))
+            else:
+                out[name] = res
+        todo = again
     return out
 
 

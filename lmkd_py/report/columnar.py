@@ -28,7 +28,18 @@ import numpy as np
 import numpy.typing as npt
 
 from lmkd_py.records import SCHEMA_VERSION, Problems, errno_name
-from lmkd_py.report.cluster import LOG_STEP, OFFSET, Hist, IntArray, Window, board_medians, quantiles
+from lmkd_py.report.cluster import (
+    LOG_STEP,
+    OFFSET,
+    Hist,
+    IntArray,
+    Window,
+    WindowCounts,
+    board_medians,
+    median_bin,
+    quantiles,
+    spread_of,
+)
 from lmkd_py.report.data import (
     BASE_METRICS,
     CONFOUNDERS,
@@ -163,6 +174,8 @@ class Side:
         self.ds = ds
         self.where = where
         self.params = {"files": ds.files, **(params or {})}
+        self._units: SideUnits | None = None
+        self._hists: list[ColumnarHist | None] = []  # by metric_sql index, once digest has run
 
     def _from(self) -> str:
         return (f"read_parquet($files, union_by_name=true) WHERE schema_version <= {SCHEMA_VERSION} "
@@ -216,47 +229,97 @@ class Side:
                 continue
             out[name] = ColumnarHist(self, i, exprs[name], got["b"][sel].astype(np.int64),
                                      got["c"][sel].astype(np.int64), float(got["s"][sel].sum()))
+        self._hists = [h if isinstance(h := out.get(name), ColumnarHist) else None for name in names]
         return out
 
-    def fetch_matrices(self, todo: list[tuple[ColumnarHist, Window]]) -> None:
-        """One scan: per (metric, unit, window column) counts for each (metric, window) of ``todo``."""
-        exprs = metric_sql()
-        names = list(exprs)
+    def units(self) -> SideUnits:
+        """The side's units (boots, by hash of board and boot) and, per unit and metric, the count of
+        values and of values below the metric's pooled median bin (cluster.spread_of): one scan, the
+        first time a metric's units are asked for."""
+        if self._units is None:
+            exprs = list(metric_sql().values())
+            medians = {i: median_bin(*h.pooled()) for i, h in enumerate(self._hists) if h is not None}
+            counts = ", ".join(f"CAST(count_if(isfinite({e})) AS INTEGER) AS n{i}" for i, e in enumerate(exprs))
+            below = ", ".join(f"CAST(count_if({_bin(f'CASE WHEN isfinite({exprs[i]}) THEN {exprs[i]} END')} < {m}) "
+                              f"AS INTEGER) AS c{i}" for i, m in medians.items())
+            got = self.query(f"SELECT {_UNIT_KEYS}, {', '.join(filter(None, (counts, below)))} FROM {self._from()} "
+                             f"AND NOT {DRY} GROUP BY ALL").fetchnumpy()
+            hu = np.asarray(got["hu"]).astype(np.uint64)
+            order = np.argsort(hu)
+            hb = np.asarray(got["hb"]).astype(np.uint64)[order]
+            _, board = np.unique(hb, return_inverse=True)
+            n = np.zeros((hu.size, len(exprs)), dtype=np.int32)
+            c = np.zeros((hu.size, len(exprs)), dtype=np.int32)
+            for i in range(len(exprs)):
+                n[:, i] = np.asarray(got[f"n{i}"])[order]
+                if i in medians:
+                    c[:, i] = np.asarray(got[f"c{i}"])[order]
+            self._units = SideUnits(hu[order], board.reshape(-1).astype(np.int64), hb != 0, n, c)
+        return self._units
+
+    def fetch_windows(self, todo: list[tuple[ColumnarHist, Window]]) -> None:
+        """Two scans for every (metric, window) of ``todo``: per unit, the values below and above the
+        window (conditional counts); inside it, per (unit, metric, window column) counts of the values
+        there only (UNPIVOT, filtered) — a few per unit, whatever the size of the side."""
+        exprs = list(metric_sql().values())
+        units = self.units()
         wanted = sorted({h.index for h, _ in todo})
-        select = ", ".join(f"{exprs[names[i]]} AS m{i}" for i in wanted)
-        values = ", ".join(f"({h.index}, {w.lo}, {w.factor}, {w.width})" for h, w in todo)
-        col = "least(greatest((b - w.lo) // w.factor + 1, 0), w.width + 1)"
-        got = self.query(
-            f"WITH w(metric, lo, factor, width) AS (VALUES {values}), "
-            f"u AS (SELECT hb, hu, CAST(substr(metric, 2) AS INTEGER) AS metric, {_bin('v')} AS b FROM "
-            f"(UNPIVOT (SELECT {_UNIT_KEYS}, {select} FROM "
-            f"{self._from()} AND NOT {DRY}) ON {', '.join(f'm{i}' for i in wanted)} INTO NAME metric VALUE v) "
-            f"WHERE isfinite(v)) "
-            f"SELECT u.metric, hb, hu, {col} AS col, count(*) AS c FROM u JOIN w ON u.metric = w.metric GROUP BY ALL"
+        binned = ", ".join(f"{_bin(f'CASE WHEN isfinite({exprs[i]}) THEN {exprs[i]} END')} AS b{i}" for i in wanted)
+        src = f"(SELECT hu, {binned} FROM (SELECT {_UNIT_KEYS}, * FROM {self._from()} AND NOT {DRY}))"
+        edges = ", ".join(f"CAST(count_if(b{h.index} < {w.lo}) AS INTEGER) AS lo{j}, "
+                          f"CAST(count_if(b{h.index} > {w.hi}) AS INTEGER) AS hi{j}" for j, (h, w) in enumerate(todo))
+        got = self.query(f"SELECT hu, {edges} FROM {src} GROUP BY hu").fetchnumpy()
+        at = np.searchsorted(units.hu, np.asarray(got["hu"]).astype(np.uint64))
+        cols = ", ".join(f"CASE WHEN b{h.index} BETWEEN {w.lo} AND {w.hi} THEN CAST((b{h.index} - {w.lo}) // "
+                         f"{w.factor} + 1 AS INTEGER) END AS w{j}" for j, (h, w) in enumerate(todo))
+        # UNPIVOT drops the NULLs: only values inside a window come out, one row each.
+        inner = self.query(
+            f"SELECT CAST(substr(j, 2) AS INTEGER) AS j, hu, col, CAST(count(*) AS INTEGER) AS c FROM "
+            f"(UNPIVOT (SELECT hu, {cols} FROM {src}) ON {', '.join(f'w{j}' for j in range(len(todo)))} "
+            f"INTO NAME j VALUE col) GROUP BY ALL ORDER BY j"
         ).fetchnumpy()
-        metric = np.asarray(got["metric"])
-        for h, w in todo:
-            sel = metric == h.index
-            h.store(w, np.asarray(got["hb"])[sel].astype(np.uint64), np.asarray(got["hu"])[sel].astype(np.uint64),
-                    np.asarray(got["col"])[sel].astype(np.int64), np.asarray(got["c"])[sel].astype(np.int64))
+        j_of = np.asarray(inner["j"])
+        cuts = np.searchsorted(j_of, np.arange(len(todo) + 1))
+        unit_of = np.searchsorted(units.hu, np.asarray(inner["hu"]).astype(np.uint64))
+        col, count = np.asarray(inner["col"]).astype(np.int64), np.asarray(inner["c"]).astype(np.float32)
+        for j, (h, w) in enumerate(todo):
+            below = np.zeros(units.hu.size, dtype=np.float32)
+            above = np.zeros(units.hu.size, dtype=np.float32)
+            below[at], above[at] = np.asarray(got[f"lo{j}"]), np.asarray(got[f"hi{j}"])
+            sl = slice(int(cuts[j]), int(cuts[j + 1]))
+            h.cache[h.key(w)] = WindowCounts(below, above, unit_of[sl], col[sl], count[sl])
+
+
+@dataclass
+class SideUnits:
+    """A side's units, sorted by ``hu`` (hash of board and boot); ``board``: index of each unit's board;
+    ``known``: whether its board is known; per unit and metric (metric_sql order): ``n`` values present,
+    ``below`` values below the metric's pooled median bin."""
+
+    hu: npt.NDArray[np.uint64]
+    board: IntArray
+    known: npt.NDArray[np.bool_]
+    n: npt.NDArray[np.int32]
+    below: npt.NDArray[np.int32]
 
 
 _UNIT_KEYS = (f"CASE WHEN {BOARD} IS NULL THEN 0 ELSE hash({BOARD}) END AS hb, "
               f"hash({BOARD}, {BOOT}) AS hu")
 
 
-def prefetch(sides: list[Side], hists: list[list[ColumnarHist]], windows: list[list[Window | None]]) -> None:
-    """Ask DuckDB, in one scan per side, for the per-unit counts of every metric in its window (the
-    bootstrap's matrices), so a comparison costs a few scans per side, not a few per metric."""
-    for side, hs, ws in zip(sides, hists, windows, strict=True):
-        todo = [(h, w) for h, w in zip(hs, ws, strict=True) if w is not None and h.key(w) not in h.cache]
-        if todo:
-            side.fetch_matrices(todo)
+def fetch_windows(pairs: list[tuple[Any, Window]]) -> None:
+    """The window counts of every columnar metric among ``pairs``, in two scans per side."""
+    by_side: dict[int, tuple[Side, list[tuple[ColumnarHist, Window]]]] = {}
+    for h, w in pairs:
+        if isinstance(h, ColumnarHist) and h.key(w) not in h.cache:
+            by_side.setdefault(id(h.side), (h.side, []))[1].append((h, w))
+    for side, todo in by_side.values():
+        side.fetch_windows(todo)
 
 
 class ColumnarHist(Hist):
-    """A metric of a Side: pooled bins held; per-unit counts per window fetched by ``prefetch`` (or one
-    query per window when asked first: cluster.Counts)."""
+    """A metric of a Side: pooled bins held; its units and window counts from the side's scans
+    (``fetch_windows`` for many metrics at once, or one metric's when asked first: cluster.Counts)."""
 
     def __init__(self, side: Side, index: int, expr: str, bins: IntArray, count: IntArray, total: float) -> None:
         order = np.argsort(bins)
@@ -265,8 +328,7 @@ class ColumnarHist(Hist):
         self.side = side
         self.index = index
         self.expr = expr
-        self.cache: dict[tuple[int, int, int], npt.NDArray[np.float32]] = {}
-        self._unit_cache: tuple[npt.NDArray[np.uint64], IntArray, bool] | None = None  # hu, board index, known
+        self.cache: dict[tuple[int, int, int], WindowCounts] = {}
 
     @property
     def n(self) -> int:
@@ -282,45 +344,35 @@ class ColumnarHist(Hist):
     def key(w: Window) -> tuple[int, int, int]:
         return (w.lo, w.factor, w.width)
 
-    def store(self, w: Window, hb: npt.NDArray[np.uint64], hu: npt.NDArray[np.uint64], col: IntArray,
-              count: IntArray) -> None:
-        """Counts per (unit, column) from DuckDB; the units (and their order) are fixed by the first call."""
-        if self._unit_cache is None:
-            units, first = np.unique(hu, return_index=True)
-            _, board_idx = np.unique(hb[first], return_inverse=True)
-            self._unit_cache = (units, board_idx.reshape(-1).astype(np.int64), bool((hb != 0).any()))
-        units = self._unit_cache[0]
-        m = np.zeros((units.size, w.width + 2), dtype=np.float32)
-        np.add.at(m, (np.searchsorted(units, hu), col), count.astype(np.float32))
-        self.cache[self.key(w)] = m
-
-    def matrix(self, w: Window) -> npt.NDArray[np.float32]:
+    def window_counts(self, w: Window) -> WindowCounts:
         if self.key(w) not in self.cache:
-            self.side.fetch_matrices([(self, w)])
+            self.side.fetch_windows([(self, w)])
         return self.cache[self.key(w)]
 
-    def _unit_info(self) -> tuple[npt.NDArray[np.uint64], IntArray, bool]:
-        if self._unit_cache is None:
-            from lmkd_py.report.cluster import wide_window
-
-            self.matrix(wide_window(self))
-        assert self._unit_cache is not None  # set by the first matrix
-        return self._unit_cache
+    def _mine(self) -> tuple[SideUnits, npt.NDArray[np.int32]]:
+        units = self.side.units()
+        return units, units.n[:, self.index]
 
     def unit_boards(self) -> IntArray:
-        return self._unit_info()[1]
+        return self.side.units().board
+
+    def spread(self) -> float:
+        units, n = self._mine()
+        return spread_of(units.board, n, units.below[:, self.index])
 
     @property
     def boards(self) -> int:
-        return int(np.unique(self._unit_info()[1]).size)
+        units, n = self._mine()
+        return int(np.unique(units.board[n > 0]).size)
 
     @property
     def boots(self) -> int:
-        return int(self._unit_info()[0].size)
+        return int((self._mine()[1] > 0).sum())
 
     @property
     def known(self) -> bool:
-        return self._unit_info()[2]
+        units, n = self._mine()
+        return bool(units.known[n > 0].any())
 
     def _values(self) -> str:
         return f"SELECT {BOARD} AS board, {self.expr} AS v FROM {self.side._from()} AND NOT {DRY}"
@@ -341,4 +393,5 @@ def open_engine(tmp: Path | None = None) -> Any:
     return connect(tmp)
 
 
-__all__ = ["ColumnarHist", "Dataset", "Side", "board_medians", "check_files", "metric_sql", "open_engine", "prefetch"]
+__all__ = ["ColumnarHist", "Dataset", "Side", "board_medians", "check_files", "fetch_windows", "metric_sql",
+           "open_engine"]

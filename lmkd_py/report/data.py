@@ -143,7 +143,9 @@ class RecordTable:
         """``full`` (one value per row, NaN for none) over the rows that count, as a per-boot histogram."""
         keep = ~self.dry_run & np.isfinite(full)
         board, boot = self.categories["board"], self.categories["boot"]
-        return hist_of(full[keep], board.codes[keep], boot.codes[keep], board.labels)
+        rows = ~self.dry_run  # every boot of the side is a unit, with values of this column or not
+        return hist_of(full[keep], board.codes[keep], boot.codes[keep], board.labels,
+                       (board.codes[rows], boot.codes[rows]))
 
 
 @dataclass

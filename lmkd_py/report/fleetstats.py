@@ -17,20 +17,9 @@ import math
 import zlib
 
 import numpy as np
-from scipy import stats
 
-from lmkd_py.report.cluster import (
-    Counts,
-    Design,
-    WeightCache,
-    bin_values,
-    design_of,
-    fine_window,
-    paired,
-    resampled_medians,
-    wide_window,
-)
-from lmkd_py.report.data import DigestTable, Metric, metrics_for
+from lmkd_py.report.cluster import Counts, Design, FloatArray, bin_values, design_of, paired, side_medians
+from lmkd_py.report.data import DigestTable, metrics_for
 from lmkd_py.report.stats import (
     CONFIDENCE,
     NO_CI,
@@ -52,9 +41,22 @@ def summary_of(h: Counts) -> Summary:
     return Summary(h.n, p50, p90, p99, h.total / h.n)
 
 
-def pilot_rng(opts: BootstrapOptions, name: str, side: int) -> np.random.Generator:
-    """The pilot pass's random stream of one metric and side (see cluster.resampled_medians)."""
-    return np.random.default_rng([opts.seed, zlib.crc32(name.encode()), side, 1])
+Resampled = tuple[FloatArray | None, FloatArray | None]
+
+
+def resample_pairs(pairs: dict[str, tuple[Counts, Counts]], opts: BootstrapOptions
+                   ) -> dict[str, tuple[Design, Design, Resampled]]:
+    """Each side's designs and resampled medians of every metric of ``pairs`` (name -> A's and B's
+    counts): per side, one cluster.side_medians for all its metrics, so they share their resamples and
+    a columnar side is scanned a few times in all, not per metric."""
+    from lmkd_py.report.columnar import fetch_windows
+
+    designs = {name: (design_of(ha), design_of(hb)) for name, (ha, hb) in pairs.items()}
+    res: list[dict[str, FloatArray]] = []
+    for i in (0, 1):
+        items = {name: (hs[i], designs[name][i].kind) for name, hs in pairs.items() if hs[i].n >= 2}
+        res.append(side_medians(items, opts.resamples, [opts.seed, i], fetch_windows))
+    return {name: (*designs[name], (res[0].get(name), res[1].get(name))) for name in pairs}
 
 
 def _ci(x: np.ndarray) -> Interval:
@@ -73,7 +75,7 @@ def compare_hists(
     hb: Counts,
     opts: BootstrapOptions,
     exact: tuple[Summary, Summary] | None = None,
-    caches: tuple[WeightCache, WeightCache] | None = None,
+    done: tuple[Design, Design, Resampled] | None = None,
 ) -> tuple[Row, Design, Design]:
     """One comparison row (B - A) from histograms, and each side's resampling design.
 
@@ -81,16 +83,12 @@ def compare_hists(
     else they are read from the histograms. CIs: each side's median resampled by its design, the
     difference and its ratio from the same resamples. With ``opts.paired`` the difference is A's median x
     (the geometric mean over common boards of B/A - 1), its CI bootstrapped over those boards.
-    ``caches``: each side's resample weights, shared by the metrics of one comparison (WeightCache).
+    ``done``: the designs and resampled medians from resample_pairs (the metrics of one comparison
+    resampled together); else they are made here for this metric alone.
     """
     rng = np.random.default_rng([opts.seed, zlib.crc32(name.encode())])
     sa, sb = exact if exact is not None else (summary_of(ha), summary_of(hb))
-    da, db = design_of(ha), design_of(hb)
-    res: list[np.ndarray | None] = [None, None]
-    for i, (h, d) in enumerate(((ha, da), (hb, db))):
-        if h.n >= 2:
-            cache = caches[i] if caches is not None else None
-            res[i] = resampled_medians(h, d.kind, opts.resamples, rng, pilot_rng(opts, name, i), cache)
+    da, db, res = done if done is not None else resample_pairs({name: (ha, hb)}, opts)[name]
     ci_a = _ci(res[0]) if res[0] is not None else NO_CI
     ci_b = _ci(res[1]) if res[1] is not None else NO_CI
     diff = diff_pct = None
@@ -122,24 +120,6 @@ def _paired(
     pct_ci: Interval = NO_CI if lo is None or hi is None else (100 * (lo - 1), 100 * (hi - 1))
     diff_ci: Interval = NO_CI if lo is None or hi is None else (sa.median * (lo - 1), sa.median * (hi - 1))
     return sa.median * (pr.ratio - 1), 100 * (pr.ratio - 1), diff_ci, pct_ci
-
-
-def prefetch_tables(a: DigestTable, b: DigestTable, metrics: list[Metric], opts: BootstrapOptions) -> None:
-    """Fetch the bootstrap's matrices of every metric of two columnar sides in two scans per side (the
-    pilots' windows, then the final ones), before the rows are computed one by one."""
-    from lmkd_py.report.columnar import ColumnarHist, prefetch
-
-    for fine in (False, True):
-        sides, hists, windows = [], [], []
-        for i, t in enumerate((a, b)):
-            hs = [(m, h) for m in metrics if isinstance(h := t.hist(m.column), ColumnarHist) and h.n >= 2]
-            if not hs:
-                continue
-            sides.append(hs[0][1].side)
-            hists.append([h for _, h in hs])
-            windows.append([fine_window(h, design_of(h).kind, pilot_rng(opts, m.name, i)) if fine else wide_window(h)
-                            for m, h in hs])
-        prefetch(sides, hists, windows)
 
 
 def paired_boards(ha: Counts, hb: Counts) -> int:
@@ -175,7 +155,7 @@ def mwu_binned(ha: Counts, hb: Counts) -> float | None:
     if var <= 0:
         return None
     z = (abs(u - na * nb / 2) - 0.5) / math.sqrt(var)
-    return float(min(1.0, 2 * stats.norm.sf(max(z, 0.0))))
+    return float(min(1.0, math.erfc(max(z, 0.0) / math.sqrt(2))))
 
 
 def ks_binned(ha: Counts, hb: Counts) -> float | None:
@@ -186,7 +166,22 @@ def ks_binned(ha: Counts, hb: Counts) -> float | None:
     _, a, b = _merged(ha, hb)
     d = float(np.abs(np.cumsum(a) / na - np.cumsum(b) / nb).max())
     en = math.sqrt(na * nb / (na + nb))
-    return float(stats.kstwobign.sf(en * d))
+    return kolmogorov_sf(en * d)
+
+
+def kolmogorov_sf(x: float) -> float:
+    """P(K > x) for the Kolmogorov distribution (the limit of sqrt(n) x the KS statistic): the alternating
+    series 2 sum (-1)^(k-1) exp(-2 k^2 x^2), which converges fast beyond x ~ 0.2; below, 1 to double
+    precision. The same function as scipy's kstwobign.sf, without importing scipy.stats (0.8 s)."""
+    if x <= 0.2:
+        return 1.0
+    total, k = 0.0, 1
+    while True:
+        term = math.exp(-2.0 * k * k * x * x)
+        total += term if k % 2 else -term
+        if term < 1e-17:
+            return float(min(1.0, max(0.0, 2.0 * total)))
+        k += 1
 
 
 def digest_report(key: tuple[str | None, ...], t: DigestTable, group_by: str | None) -> GroupReport:

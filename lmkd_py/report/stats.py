@@ -21,14 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
-from lmkd_py.report.cluster import Design, WeightCache
+from lmkd_py.report.cluster import Counts, Design
 from lmkd_py.report.data import (
     CONFOUNDERS,
     KIB_PER_GIB,
     AnyTable,
-    DigestTable,
     FloatArray,
     Metric,
     RecordTable,
@@ -206,6 +204,8 @@ def _bootstrap(
     data: tuple[FloatArray, ...], statistic: Any, rng: np.random.Generator, opts: BootstrapOptions
 ) -> list[Interval]:
     """Percentile intervals of ``statistic`` (one per output) from ``scipy.stats.bootstrap``."""
+    from scipy import stats  # 0.8 s to import: only the paths of independent records in memory need it
+
     with warnings.catch_warnings():
         # All-equal data give a degenerate (zero-width) interval: that is the right answer here.
         warnings.simplefilter("ignore")
@@ -235,6 +235,8 @@ def compare_values(name: str, unit: str, a: FloatArray, b: FloatArray, opts: Boo
     The random stream is seeded from ``opts.seed`` and ``name``, so a row does not change when other
     rows are added or reordered.
     """
+    from scipy import stats
+
     rng = np.random.default_rng([opts.seed, zlib.crc32(name.encode())])
     ci_a = ci_b = diff_ci = pct_ci = NO_CI
     if a.size >= 2 and b.size >= 2:
@@ -273,22 +275,15 @@ def compare_tables(a: AnyTable, b: AnyTable, label_a: str, label_b: str, opts: B
     exact = isinstance(a, RecordTable) and isinstance(b, RecordTable)
     binned = not exact or opts.paired or clustered(a) or clustered(b)
     designs: dict[str, tuple[Design, Design]] = {}
-    caches = None
-    if binned:
-        # One set of resample weights per side for every metric (cluster.WeightCache).
-        caches = (WeightCache([opts.seed, 0xA]), WeightCache([opts.seed, 0xB]))
-    if isinstance(a, DigestTable) and isinstance(b, DigestTable):
-        from lmkd_py.report.fleetstats import prefetch_tables
-
-        prefetch_tables(a, b, metrics, opts)
-    for m in metrics:
-        if not binned:
+    if not binned:
+        for m in metrics:
             assert isinstance(a, RecordTable) and isinstance(b, RecordTable)  # exact just above
             cmp.rows.append(
                 compare_values(m.name, m.unit, a.values(m.column) * m.scale, b.values(m.column) * m.scale, opts)
             )
-            continue
-        cmp.rows.append(_binned_row(m.name, m.unit, a, b, m.column, m.scale, opts, designs, caches=caches))
+    else:
+        cmp.rows.extend(_binned_rows([(m.name, m.unit, a.hist(m.column, m.scale), b.hist(m.column, m.scale),
+                                       _exact(a, b, m.column, m.scale)) for m in metrics], opts, designs))
     _size_check(a, b, metrics, opts, cmp, designs if binned else None)
     cmp.units = _units(a, b, designs, binned)
     if opts.paired:
@@ -300,25 +295,30 @@ def compare_tables(a: AnyTable, b: AnyTable, label_a: str, label_b: str, opts: B
     return cmp
 
 
-def _binned_row(name: str, unit: str, a: AnyTable, b: AnyTable, column: str, scale: float,
-                opts: BootstrapOptions, designs: dict[str, tuple[Design, Design]],
-                full: tuple[FloatArray, FloatArray] | None = None,
-                caches: tuple[WeightCache, WeightCache] | None = None) -> Row:
-    from lmkd_py.report.fleetstats import compare_hists
+Binned = tuple[str, str, Counts, Counts, "tuple[Summary, Summary] | None"]  # name, unit, A, B, exact summaries
 
-    if full is not None:
-        assert isinstance(a, RecordTable) and isinstance(b, RecordTable)  # only they have full columns
-        ha, hb = a.hist_of(full[0]), b.hist_of(full[1])
-    else:
-        ha, hb = a.hist(column, scale), b.hist(column, scale)
-    exact = None
-    if isinstance(a, RecordTable) and isinstance(b, RecordTable):
-        va = full[0] if full is not None else a.columns.get(column, np.full(a.rows, np.nan)) * scale
-        vb = full[1] if full is not None else b.columns.get(column, np.full(b.rows, np.nan)) * scale
-        exact = (summarize(va[~a.dry_run & np.isfinite(va)]), summarize(vb[~b.dry_run & np.isfinite(vb)]))
-    row, da, db = compare_hists(name, unit, ha, hb, opts, exact, caches)
-    designs[name] = (da, db)
-    return row
+
+def _binned_rows(todo: list[Binned], opts: BootstrapOptions, designs: dict[str, tuple[Design, Design]]) -> list[Row]:
+    """Rows from histograms, every metric of a side resampled together (fleetstats.resample_pairs)."""
+    from lmkd_py.report.fleetstats import compare_hists, resample_pairs
+
+    done = resample_pairs({name: (ha, hb) for name, _, ha, hb, _ in todo}, opts)
+    rows = []
+    for name, unit, ha, hb, exact in todo:
+        row, da, db = compare_hists(name, unit, ha, hb, opts, exact, done[name])
+        designs[name] = (da, db)
+        rows.append(row)
+    return rows
+
+
+def _exact(a: AnyTable, b: AnyTable, column: str, scale: float,
+           full: tuple[FloatArray, FloatArray] | None = None) -> tuple[Summary, Summary] | None:
+    """Both sides' summaries from every value, when they are in memory."""
+    if not (isinstance(a, RecordTable) and isinstance(b, RecordTable)):
+        return None
+    va = full[0] if full is not None else a.columns.get(column, np.full(a.rows, np.nan)) * scale
+    vb = full[1] if full is not None else b.columns.get(column, np.full(b.rows, np.nan)) * scale
+    return summarize(va[~a.dry_run & np.isfinite(va)]), summarize(vb[~b.dry_run & np.isfinite(vb)])
 
 
 def _units(a: AnyTable, b: AnyTable, designs: dict[str, tuple[Design, Design]], binned: bool) -> tuple[Units, Units]:
@@ -346,6 +346,8 @@ def _size_check(a: AnyTable, b: AnyTable, metrics: list[Metric], opts: Bootstrap
         ra, rb = a.values("rss_kib") / 1024, b.values("rss_kib") / 1024
         if ra.size == 0 or rb.size == 0:
             return
+        from scipy import stats
+
         p = float(stats.ks_2samp(ra, rb).pvalue)
         ma, mb = float(np.median(ra)), float(np.median(rb))
     else:
@@ -364,6 +366,7 @@ def _size_check(a: AnyTable, b: AnyTable, metrics: list[Metric], opts: Bootstrap
         f"so per-GiB rows (value / victim RSS in GiB) are added"
     )
     measured = {r.name for r in cmp.rows if r.a.n or r.b.n}
+    todo: list[Binned] = []
     for m in metrics:
         if m.unit in PER_GIB_UNITS and "." not in m.name and m.name in measured:
             name, unit = f"{m.name}_per_gib", f"{m.unit}/GiB"
@@ -374,9 +377,11 @@ def _size_check(a: AnyTable, b: AnyTable, metrics: list[Metric], opts: Bootstrap
                                                vb[~b.dry_run & np.isfinite(vb)], opts))
             elif isinstance(a, RecordTable) and isinstance(b, RecordTable):
                 full = (_per_gib(a, m.column, m.scale), _per_gib(b, m.column, m.scale))
-                cmp.rows.append(_binned_row(name, unit, a, b, m.column, m.scale, opts, designs, full))
+                todo.append((name, unit, a.hist_of(full[0]), b.hist_of(full[1]), _exact(a, b, "", 1.0, full)))
             else:
-                cmp.rows.append(_binned_row(name, unit, a, b, f"{m.column}/gib", 1.0, opts, designs))
+                todo.append((name, unit, a.hist(f"{m.column}/gib"), b.hist(f"{m.column}/gib"), None))
+    if todo and designs is not None:
+        cmp.rows.extend(_binned_rows(todo, opts, designs))
 
 
 def _warn(a: AnyTable, b: AnyTable, cmp: Comparison, opts: BootstrapOptions) -> None:

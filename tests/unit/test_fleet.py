@@ -204,3 +204,52 @@ def test_markdown_has_the_seed_table_on_parquet_too(tmp_path: Path) -> None:
     assert "| kernel | total (ms) | exit_mmap (ms) | reaper work (ms) | lock wait (ms) | n | boards |" in out
     assert "| 6.18.0-synthetic | " in out and "| 1000 | 8 |" in out
     assert "| metric | unit |" in out  # the full table follows
+
+
+def test_medians_read_in_the_narrow_window_are_those_of_every_bin_and_a_miss_widens(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """side_medians reads each resampled median in a window near the pooled median, from counts below and
+    above it per unit: the medians are exactly those of the whole histogram on the same resamples, also
+    when the window starts far too narrow and must widen (the same weights drawn again)."""
+    import lmkd_py.report.cluster as cl
+
+    rng = np.random.default_rng(5)
+    items = {"a": (_fleet_side(rng, 1.0, boards=300, per=200), "boards"),
+             "b": (_fleet_side(rng, 1.3, boards=40, per=900), "boards")}
+    narrow = cl.side_medians(items, 300, [1, 2])
+    for name, (h, _) in items.items():
+        w = cl.window_for(h, 6 * h.spread())  # type: ignore[arg-type]
+        assert w.hi - w.lo < 0.5 * (h.bins.max() - h.bins.min()), name  # narrow indeed
+    monkeypatch.setattr(cl, "FINE_COLUMNS", 1 << 22)  # one column per fine bin over every value
+    monkeypatch.setattr(cl, "Z_WINDOW", 1e9)
+    whole = cl.side_medians(items, 300, [1, 2])
+    monkeypatch.setattr(cl, "Z_WINDOW", 1e-4)  # misses: widened x4 at a time until nothing falls out
+    widened = cl.side_medians(items, 300, [1, 2])
+    for name in items:
+        assert np.isfinite(narrow[name]).all() and np.unique(narrow[name]).size > 20
+        assert np.array_equal(narrow[name], whole[name]), name
+        assert np.array_equal(widened[name], whole[name]), name
+
+
+def test_columnar_compare_agrees_with_the_in_memory_one(tmp_path: Path) -> None:
+    """The same fleet through both paths (JSONL in memory; Parquet through DuckDB): the same designs and
+    counts, medians within a bin, CIs within a few per cent of their width (the paths number the boots
+    in another order, so the resamples differ)."""
+    common = {"boards": 30, "boots": 2, "board_sigma": 0.3, "board_seed": 3}
+    a = _write(tmp_path / "a.jsonl", SynthSpec(n=3000, seed=1, **common))  # type: ignore[arg-type]
+    b = _write(tmp_path / "b.jsonl", SynthSpec(n=3000, seed=2, shift=1.1, **common))  # type: ignore[arg-type]
+    for src, ds in ((a, "da"), (b, "db")):
+        assert _run(cmd_export, files=[src], parquet=tmp_path / ds)[0] == 0
+    rc, mem, _ = _run(cmd_compare, a=[a], b=[b], resamples=2000)
+    rc2, col, _ = _run(cmd_compare, a=[tmp_path / "da"], b=[tmp_path / "db"], resamples=2000)
+    assert rc == rc2 == 0
+    dm, dc = json.loads(mem), json.loads(col)
+    assert dm["sides"] == dc["sides"] and dm["sides"]["a"]["design"] == "boards"
+    for name in ("reap_total", "exit_mmap", "kill_to_exit"):
+        m, c = _metrics(dm)[name], _metrics(dc)[name]
+        assert m["a"]["n"] == c["a"]["n"] and m["b"]["n"] == c["b"]["n"]
+        assert c["a"]["median"] == pytest.approx(m["a"]["median"], rel=1.5e-3)
+        width = m["diff_ci"][1] - m["diff_ci"][0]
+        assert width > 0
+        for i in (0, 1):
+            assert abs(c["diff_ci"][i] - m["diff_ci"][i]) < 0.1 * width, (name, m["diff_ci"], c["diff_ci"])
