@@ -11,12 +11,16 @@ longer. Generation is not timed. Phases per size:
 - ``export``: ``export --parquet`` of both files (once per data set);
 - ``columnar``: ``compare --a DS_A --b DS_B`` on the datasets;
 - ``engines`` (``--engines``): the bootstrap's per-board histogram of three metrics, the engine's core
-  query shape, in DuckDB and in Polars (when installed) on the same Parquet files.
+  query shape, in DuckDB and in Polars (when installed) on the same Parquet files;
+- ``--scale-up K``: after the largest size, a dataset K times larger made by copying its Parquet K times
+  with the boards and boots renamed in each copy (``replicate``; a fleet K times as many boards, each
+  copy's files encoded as the original's), then ``columnar`` on it. Generating and exporting 30 M records
+  from JSONL would take ~20 min (56 GB of JSONL); the compare reads the same kind of files either way.
 
 Prints figures; asserts nothing.
 
     .venv/bin/python benchmarks/report_scale.py [--sizes 100000,1000000] [--old-max 1000000]
-        [--resamples 2000] [--engines] [--smoke]
+        [--resamples 2000] [--engines] [--scale-up 30] [--smoke]
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ def _specs(n: int) -> tuple[object, object]:
             SynthSpec(n=n - n // 2, seed=2, shift=1.1, kernel_release="6.19.0-synthetic", **common))  # type: ignore[arg-type]
 
 
-def phase(name: str, n: int, workdir: Path, resamples: int) -> dict[str, float]:
+def phase(name: str, n: int, workdir: Path, resamples: int, copies: int = 1) -> dict[str, float]:
     """One phase in this process: seconds and peak RSS (MiB)."""
     a, b = workdir / f"a-{n}.jsonl", workdir / f"b-{n}.jsonl"
     da, db = workdir / f"a-{n}.parquet.d", workdir / f"b-{n}.parquet.d"
@@ -82,11 +86,41 @@ def phase(name: str, n: int, workdir: Path, resamples: int) -> dict[str, float]:
         row = {m["name"]: m for m in doc["metrics"]}["reap_total"]
         out["diff_pct"] = row["diff_pct"]
         out["records"] = doc["sides"]["a"]["records"] + doc["sides"]["b"]["records"]
+    elif name == "replicate":
+        out["dataset_mib"] = _replicate(workdir, n, copies)
     elif name in ("duckdb", "polars"):
         out["rows"] = _engine(name, [da, db])
     out["seconds"] = time.perf_counter() - t0
     out["peak_rss_mib"] = _peak_rss_mib()
     return out
+
+
+def _replicate(workdir: Path, n: int, copies: int) -> float:
+    """Datasets of ``copies`` x ``n`` records from those of ``n``: copy k renames every machine and boot id
+    with a ``~k`` suffix (new boards and boots, same kills); one Parquet file per copy, same partition,
+    same metadata and compression as export writes."""
+    import duckdb
+
+    from lmkd_py.report.export import ENGINE_MEMORY
+    from lmkd_py.report.schema import FORMAT_KEY, FORMAT_VALUE
+
+    con = duckdb.connect(config={"memory_limit": ENGINE_MEMORY, "threads": 2})
+    size = 0
+    for side in ("a", "b"):
+        src = workdir / f"{side}-{n}.parquet.d"
+        files = sorted(str(f) for f in src.rglob("*.parquet"))
+        part = Path(files[0]).parent.relative_to(src)
+        dest = workdir / f"{side}-{n * copies}.parquet.d" / part
+        dest.mkdir(parents=True)
+        for k in range(copies):
+            out = dest / f"copy-{k}.parquet"
+            con.execute(
+                "COPY (SELECT * REPLACE (struct_update(provenance, machine_id := provenance.machine_id || $k, "
+                "boot_id := provenance.boot_id || $k) AS provenance) FROM read_parquet($f, hive_partitioning=false)) "
+                f"TO '{out}' (FORMAT parquet, COMPRESSION zstd, KV_METADATA {{'{FORMAT_KEY}': '{FORMAT_VALUE}'}})",
+                {"k": f"~{k}", "f": files})
+            size += out.stat().st_size
+    return size / 2**20
 
 
 def _engine(name: str, datasets: list[Path]) -> float:
@@ -116,9 +150,9 @@ def _engine(name: str, datasets: list[Path]) -> float:
     return float(res.height)
 
 
-def _run(name: str, n: int, tmp: str, resamples: int) -> dict[str, float]:
+def _run(name: str, n: int, tmp: str, resamples: int, copies: int = 1) -> dict[str, float]:
     proc = subprocess.run([sys.executable, __file__, "--phase", name, "--n", str(n), "--dir", tmp,
-                           "--resamples", str(resamples)], capture_output=True, text=True)
+                           "--resamples", str(resamples), "--copies", str(copies)], capture_output=True, text=True)
     if proc.returncode != 0:
         broken(f"{name} at {n} records failed (rc {proc.returncode}): {proc.stderr[-2000:]}")
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -130,12 +164,15 @@ def main() -> None:
     ap.add_argument("--old-max", type=int, default=1_000_000)
     ap.add_argument("--resamples", type=int, default=2000)
     ap.add_argument("--engines", action="store_true", help="also time the core query in DuckDB and Polars")
+    ap.add_argument("--scale-up", type=int, default=0, metavar="K",
+                    help="also compare a dataset K times the largest size (its Parquet copied K times, renamed)")
     ap.add_argument("--phase", help=argparse.SUPPRESS)
+    ap.add_argument("--copies", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
-    args = parse_args(ap, smoke={"sizes": "2000", "resamples": 200, "engines": True})
+    args = parse_args(ap, smoke={"sizes": "2000", "resamples": 200, "engines": True, "scale_up": 3})
     if args.phase is not None:
-        print(json.dumps(phase(args.phase, args.n, args.dir, args.resamples)))
+        print(json.dumps(phase(args.phase, args.n, args.dir, args.resamples, args.copies)))
         return
     print(f"{'records':>9} {'phase':>9} {'seconds':>8} {'peak RSS MiB':>13}  notes", flush=True)
     with tempfile.TemporaryDirectory(prefix="lmkd-report-scale-") as tmp:
@@ -156,6 +193,15 @@ def main() -> None:
                 print(f"{n:>9} {name:>9} {r['seconds']:>8.2f} {r['peak_rss_mib']:>13.0f}  {note}", flush=True)
             if args.engines and not _has("polars"):
                 print(f"{n:>9} {'polars':>9} not installed (pip install polars to measure it)")
+            if args.scale_up > 1 and n == max(int(s) for s in args.sizes.split(",")):
+                big = n * args.scale_up
+                r = _run("replicate", n, tmp, args.resamples, args.scale_up)
+                print(f"{big:>9} {'replicate':>9} {r['seconds']:>8.2f} {r['peak_rss_mib']:>13.0f}  "
+                      f"{r['dataset_mib']:.0f} MiB of Parquet: {args.scale_up} renamed copies (not part of any figure)",
+                      flush=True)
+                r = _run("columnar", big, tmp, args.resamples)
+                print(f"{big:>9} {'columnar':>9} {r['seconds']:>8.2f} {r['peak_rss_mib']:>13.0f}  "
+                      f"compare on the datasets, reap_total diff {r.get('diff_pct', 0):+.1f} %", flush=True)
             for f in Path(tmp).iterdir():
                 if f.is_dir():
                     import shutil

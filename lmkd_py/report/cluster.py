@@ -300,33 +300,42 @@ def window_for(c: Counts, half: float) -> Window:
     return Window(lo, hi, FINE_COLUMNS)
 
 
-def _weights(board_of_unit: IntArray, resample_boots: bool, rng: np.random.Generator, batch: int
-             ) -> npt.NDArray[np.float32]:
-    """How often each unit is drawn in ``batch`` resamples: boards drawn with replacement, then, within
-    each board drawn, its boots with replacement (a board of k boots drawn m times draws m*k boots).
+class _Drawer:
+    """How often each unit is drawn, resample by resample: boards drawn with replacement, then, within
+    each board drawn, its boots with replacement (a board of k boots drawn m times draws m*k boots);
+    or (``resample_boots`` false) every unit its own board's count.
 
-    Drawn as uniform integers and counted (``bincount``): numpy's multinomial and binomial with array
-    arguments cost ~25 ms each per batch at 10,000 boards, this ~10 ms for both stages."""
-    boards, unit_board = np.unique(board_of_unit, return_inverse=True)
-    unit_board = unit_board.reshape(-1)
-    nb, nu = boards.size, unit_board.size
-    rows = np.arange(batch, dtype=np.int64)[:, None]
-    drawn = rng.integers(0, nb, size=(batch, nb))  # the boards of each resample
-    if not resample_boots:
-        mb = np.bincount((drawn + rows * nb).ravel(), minlength=batch * nb).reshape(batch, nb)
-        return mb[:, unit_board].astype(np.float32)
-    k = np.bincount(unit_board, minlength=nb)
-    order = np.argsort(unit_board, kind="stable")  # units grouped by board
-    starts = np.concatenate([[0], np.cumsum(k)[:-1]])
-    counts = np.zeros(batch * nu, dtype=np.int64)
-    kk_of = k[drawn]
-    for kk in np.unique(kk_of):
-        mask = kk_of == kk
-        sel, row = drawn[mask], np.broadcast_to(rows, drawn.shape)[mask]
-        # Each drawn board of kk boots draws kk of them with replacement.
-        unit = order[starts[sel][:, None] + rng.integers(0, kk, size=(sel.size, int(kk)))]
-        counts += np.bincount((unit + (row * nu)[:, None]).ravel(), minlength=batch * nu)
-    return counts.reshape(batch, nu).astype(np.float32)
+    Drawn as uniform integers and counted one resample at a time: a row's counts fit in the cache, where
+    counting a whole batch at once scattered over 100 MB (6x slower at 300,000 boots); numpy's
+    multinomial and binomial with array arguments were slower still."""
+
+    def __init__(self, board_of_unit: IntArray, resample_boots: bool) -> None:
+        boards, unit_board = np.unique(board_of_unit, return_inverse=True)
+        self.unit_board = unit_board.reshape(-1)
+        self.boards, self.units = boards.size, self.unit_board.size
+        self.resample_boots = resample_boots
+        self.k = np.bincount(self.unit_board, minlength=self.boards)
+        self.order = np.argsort(self.unit_board, kind="stable")  # units grouped by board
+        self.starts = np.concatenate([[0], np.cumsum(self.k)[:-1]]).astype(np.int64)
+        self.sizes = [int(k) for k in np.unique(self.k)]
+
+    def draw(self, rng: np.random.Generator, batch: int) -> npt.NDArray[np.float32]:
+        """``batch`` resamples x units."""
+        out = np.empty((batch, self.units), dtype=np.float32)
+        for r in range(batch):
+            drawn = rng.integers(0, self.boards, size=self.boards)  # the boards of this resample
+            if not self.resample_boots:
+                out[r] = np.bincount(drawn, minlength=self.boards)[self.unit_board]
+                continue
+            of_size = self.k[drawn] if len(self.sizes) > 1 else None
+            row = np.zeros(self.units, dtype=np.int64)
+            for kk in self.sizes:
+                sel = drawn if of_size is None else drawn[of_size == kk]
+                # Each drawn board of kk boots draws kk of them with replacement.
+                unit = self.order[(self.starts[sel][:, None] + rng.integers(0, kk, size=(sel.size, kk))).ravel()]
+                row += np.bincount(unit, minlength=self.units)
+            out[r] = row
+        return out
 
 
 def _medians_of(hists: npt.NDArray[np.float32], w: Window) -> tuple[FloatArray, bool]:
@@ -387,6 +396,7 @@ def _cluster_medians(items: list[tuple[Counts, Window]], design: str, resamples:
     if design != "boards":
         board = np.arange(units, dtype=np.int64)
     rng = np.random.default_rng(seed)
+    drawer = _Drawer(board, design == "boards")
     parts = [c.window_counts(w) for c, w in items]
     edges = np.empty((units, 2 * len(items)), dtype=np.float32)
     inner = []
@@ -398,7 +408,7 @@ def _cluster_medians(items: list[tuple[Counts, Window]], design: str, resamples:
     step = _batch(units)
     for start in range(0, resamples, step):
         b = min(step, resamples - start)
-        weights = _weights(board, design == "boards", rng, b)  # resamples x units
+        weights = drawer.draw(rng, b)  # resamples x units
         outside = weights @ edges
         by_unit = np.ascontiguousarray(weights.T)
         for j, (_, w) in enumerate(items):

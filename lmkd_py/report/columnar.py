@@ -46,6 +46,7 @@ from lmkd_py.report.data import (
     KNOWN_SIDES,
     MAX_CONFOUNDER_CHARS,
     MAX_UNIT_CHARS,
+    UNITS,
     DigestTable,
 )
 from lmkd_py.report.export import connect
@@ -185,10 +186,11 @@ class Side:
         return self.con.execute(sql, {**self.params, **(extra or {})})
 
     def digest(self, problems: Problems) -> DigestTable:
-        """Counts and pooled histograms of this side (two scans of the columns they need)."""
+        """Counts and pooled histograms of this side (three scans of the columns they need). Boards and
+        boots are counted, not listed (a month of a fleet has 10^5 of each)."""
         if not self.ds.files:
             return DigestTable(0, 0, {}, {}, problems)
-        names = list(CATEGORY_SQL)
+        names = [n for n in CATEGORY_SQL if n not in UNITS]
         sets = ", ".join(f"({n})" for n in names)
         cols = ", ".join(f"{CATEGORY_SQL[n]} AS {n}" for n in names)
         grouping = ", ".join(f"GROUPING({n})" for n in names)
@@ -206,10 +208,11 @@ class Side:
             counts[names[i]][value] = counts[names[i]].get(value, 0) + n
         for n in names:
             counts[n] = dict(sorted(counts[n].items(), key=lambda kv: (-kv[1], str(kv[0]))))
-        total, dry = self.query(f"SELECT count(*), coalesce(sum(CAST({DRY} AS BIGINT)), 0) FROM {self._from()}"
-                                ).fetchone()
+        total, dry, boards, boots = self.query(
+            f"SELECT count(*), coalesce(sum(CAST({DRY} AS BIGINT)), 0), count(DISTINCT {BOARD}), "
+            f"count(DISTINCT {BOOT}) FROM {self._from()}").fetchone()
         hists = self._pooled()
-        return DigestTable(int(total), int(dry), counts, hists, problems)
+        return DigestTable(int(total), int(dry), counts, hists, problems, {"board": int(boards), "boot": int(boots)})
 
     def _pooled(self) -> dict[str, Hist]:
         exprs = metric_sql()

@@ -130,6 +130,10 @@ class RecordTable:
         """How often each value of ``category`` occurs, most frequent first."""
         return self.categories[category].counts()
 
+    def distinct(self, unit: str) -> int:
+        """How many known boards or boots (``unit``: one of UNITS) the records come from."""
+        return sum(1 for k in self.counts(unit) if k is not None)
+
     @property
     def dry_runs(self) -> int:
         return int(self.dry_run.sum())
@@ -159,6 +163,9 @@ class DigestTable:
     category_counts: dict[str, dict[str | None, int]]
     hists: dict[str, Hist]
     problems: Problems = field(default_factory=Problems)
+    # Known boards and boots (UNITS), counted by the engine: a month of a fleet has ~10^5 of them, too
+    # many to hand over one by one when only their number is asked for.
+    units: dict[str, int] = field(default_factory=dict)
 
     @property
     def columns(self) -> dict[str, Hist]:
@@ -166,6 +173,9 @@ class DigestTable:
 
     def counts(self, category: str) -> dict[str | None, int]:
         return self.category_counts.get(category, {})
+
+    def distinct(self, unit: str) -> int:
+        return self.units.get(unit, 0)
 
     def hist(self, column: str, scale: float = 1.0) -> Hist:
         """The histogram of ``column``, already in display units (``scale`` is for RecordTable's sake)."""

@@ -42,8 +42,10 @@ def connect(temp_dir: Path | None = None) -> object:
     """A DuckDB connection with bounded memory and threads (its spill files under ``temp_dir``)."""
     import duckdb
 
+    # Background threads return freed memory to the system: without them DuckDB's allocator kept ~400 MB
+    # after the scans, resident while the bootstrap ran (the 30 M compare peaked at 1.4 GiB).
     con = duckdb.connect(config={"memory_limit": ENGINE_MEMORY, "threads": ENGINE_THREADS,
-                                 "preserve_insertion_order": False})
+                                 "preserve_insertion_order": False, "allocator_background_threads": True})
     if temp_dir is not None:
         con.execute("SET temp_directory = ?", [str(temp_dir)])
     return con

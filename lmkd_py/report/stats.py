@@ -259,7 +259,7 @@ def compare_values(name: str, unit: str, a: FloatArray, b: FloatArray, opts: Boo
 
 def clustered(t: AnyTable) -> bool:
     """Whether ``t`` holds records of several known boards or boots (so kills are not independent)."""
-    return any(sum(1 for k in t.counts(unit) if k is not None) >= 2 for unit in ("board", "boot"))
+    return any(t.distinct(unit) >= 2 for unit in ("board", "boot"))
 
 
 def compare_tables(a: AnyTable, b: AnyTable, label_a: str, label_b: str, opts: BootstrapOptions) -> Comparison:
@@ -324,8 +324,7 @@ def _exact(a: AnyTable, b: AnyTable, column: str, scale: float,
 def _units(a: AnyTable, b: AnyTable, designs: dict[str, tuple[Design, Design]], binned: bool) -> tuple[Units, Units]:
     out = []
     for i, t in enumerate((a, b)):
-        boards = sum(1 for k in t.counts("board") if k is not None)
-        boots = sum(1 for k in t.counts("boot") if k is not None)
+        boards, boots = t.distinct("board"), t.distinct("boot")
         kinds = {d[i].kind for d in designs.values()} if binned else {"records"}
         kind = "boards" if "boards" in kinds else "boots" if "boots" in kinds else "records"
         out.append(Units(t.rows, boards, boots, kind))
