@@ -1,10 +1,12 @@
 """The columnar path: ``report`` and ``compare`` on Parquet datasets (``export``), through DuckDB.
 
 DuckDB scans only the columns a query needs and aggregates as it streams, so what comes back to Python
-is bounded by the groups, never by the records: per side, counts per category value, a histogram per
-metric on the 0.1 % bins of cluster.py, and, for the bootstrap, counts per boot on the small windows
-``cluster.resampled_medians`` asks for. 30 M records are never in Python's memory; DuckDB itself runs
-under ``export.ENGINE_MEMORY`` and spills beyond it.
+is bounded by the groups, never by the records: per side, counts per category value (boards and boots
+only counted), a histogram per metric on the 0.1 % bins of cluster.py, and, for the bootstrap, per boot
+and metric the count of values, of values below the pooled median, below and above the metric's window
+(``cluster.side_medians``), and inside it per window column — about six scans per side in all. 30 M
+records are never in Python's memory; DuckDB itself runs under ``export.ENGINE_MEMORY`` and spills
+beyond it.
 
 The metric definitions are those of ``data._Builder.add`` written in SQL (reaper times only where a
 reaper reaped; lock waits summed over sides; the freed-by-reaper share only where both sides are known);
