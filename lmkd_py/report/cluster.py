@@ -21,12 +21,13 @@ import math
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 IntArray = npt.NDArray[np.int64]
+AnyIntArray = npt.NDArray[np.signedinteger[Any]]  # int32 where memory counts (hist_of), else int64
 FloatArray = npt.NDArray[np.float64]
 
 REL_WIDTH = 1e-3
@@ -59,9 +60,9 @@ class Hist:
     board of each boot (indices into ``board_labels``). ``total``: the sum of the values (for the mean).
     """
 
-    boot: IntArray
-    bins: IntArray
-    count: IntArray
+    boot: AnyIntArray
+    bins: AnyIntArray
+    count: AnyIntArray
     boot_board: IntArray
     board_labels: list[str | None]
     total: float
@@ -155,10 +156,12 @@ def hist_of(values: FloatArray, board_codes: npt.NDArray[np.int32], boot_codes: 
         boot = np.searchsorted(ukeys, keys)
     pairs = boot.reshape(-1).astype(np.int64) << 40 | (to_bins(values) + (1 << 39))
     upairs, count = np.unique(pairs, return_counts=True)
+    # Held as int32 (bins are within +-2^21, boots and counts far below 2^31): the in-memory compare holds
+    # every metric's Hist of both sides at once (~one entry per value), half the memory of int64.
     return Hist(
-        boot=upairs >> 40,
-        bins=(upairs & ((1 << 40) - 1)) - (1 << 39),
-        count=count.astype(np.int64),
+        boot=(upairs >> 40).astype(np.int32),
+        bins=((upairs & ((1 << 40) - 1)) - (1 << 39)).astype(np.int32),
+        count=count.astype(np.int32),
         boot_board=ukeys >> 32,
         board_labels=board_labels,
         total=float(values.sum()),
