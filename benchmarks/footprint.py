@@ -338,7 +338,7 @@ def main() -> None:
     print("| daemon, run | start-up to ready | RSS | locked (smaps) | VmLck | idle CPU |")
     print("|---|---|---|---|---|---|")
     print(row("lmkd-py kill mode, whole machine, floor on, before any kill (a config that is not the defaults: "
-              "validated in a child)", whole_ready, whole))
+              "read by config.lean_parse, no child)", whole_ready, whole))
     print(row(f"lmkd-py kill mode, scoped, after its first kill (tracing {'on' if traced else 'OFF'}; shipped config)",
               kill_ready, killed))
     print(row("lmkd-py observe mode, after recording a kill (shipped config)", obs_ready, observed))

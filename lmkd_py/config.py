@@ -7,8 +7,9 @@ The classes are stdlib dataclasses whose field metadata carries pydantic's const
 (pydantic reads ``dataclasses.field(metadata=...)`` as ``Field`` arguments) and whose ``__post_init__``
 holds the cross-field rules. So one definition serves both sides: ``parse_config`` validates through a
 pydantic ``TypeAdapter`` built on first use, while the daemon, which only reads a config, never loads
-pydantic at all (issue 13: ~17 MiB resident): it takes the defaults as they are, and a file through
-``load_config_isolated``, which validates in a short-lived child process.
+pydantic at all (issue 13: ~17 MiB resident): it reads a file through ``lean_parse``, which builds the
+Config from the same definitions for any document strict validation would accept unchanged, and hands
+anything else to ``load_config_isolated``'s short-lived child process, where pydantic gives its verdict.
 """
 
 from __future__ import annotations
@@ -589,39 +590,94 @@ class _ConfigUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not part of a config")
 
 
-def _restates(value: object, default: object) -> bool:
-    """True when the TOML ``value`` is exactly what ``default`` holds, type for type (strictly, as
-    validation would read it: a bool is not an int, an int may stand for a float)."""
-    if dataclasses.is_dataclass(default) and not isinstance(default, type):
-        if not isinstance(value, dict):
-            return False
-        fields = {f.name: f for f in dataclasses.fields(default)}
-        if not value.keys() <= fields.keys():
-            return False
-        for name, f in fields.items():
-            if name in value:
-                if not _restates(value[name], getattr(default, name)):
-                    return False
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                return False  # a required key left out: invalid, for the validator to say so
-        return True
-    if isinstance(default, tuple):
-        return (isinstance(value, list) and len(value) == len(default)
-                and all(_restates(v, d) for v, d in zip(value, default, strict=True)))
-    if isinstance(default, bool) or isinstance(value, bool):
-        return type(value) is bool and type(default) is bool and value == default
-    if isinstance(default, float):
-        return type(value) in (int, float) and value == default
-    if type(default) in (int, str):
-        return type(value) is type(default) and value == default
-    return False  # None (TOML has no null), paths: never a restatement
+class _NotLean(Exception):
+    """A value lean_parse does not vouch for: the pydantic validator decides (and names the culprit)."""
 
 
-def restates_defaults(data: dict[str, object]) -> bool:
-    """True when a decoded TOML document only restates the built-in defaults (as the shipped
-    config/lmkd-py.toml does): it then means exactly ``Config()``, which is valid by construction, and
-    needs no validator. Exact, not a heuristic: any key, type or value the defaults do not have is False."""
-    return _restates(data, Config())
+_LEAN_META = {"ge", "le", "gt", "min_length", "description"}
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    import typing
+
+    return typing.get_type_hints(cls)
+
+
+def _lean_value(value: object, tp: Any, meta: Any) -> object:
+    import types
+    import typing
+
+    if not meta.keys() <= _LEAN_META:
+        raise _NotLean
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):  # X | None: TOML has no null, so the value is an X
+        (tp,) = [a for a in args if a is not type(None)]
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        if type(value) is not str or value not in args:
+            raise _NotLean
+        return value
+    if origin is tuple:
+        if type(value) is not list or len(value) < meta.get("min_length", 0):
+            raise _NotLean
+        return tuple(_lean_value(v, args[0], {}) for v in value)
+    if dataclasses.is_dataclass(tp):
+        return _lean_dataclass(value, tp)
+    if tp is bool:
+        if type(value) is not bool:
+            raise _NotLean
+        return value
+    if tp is int or tp is float:
+        if type(value) is not int and not (tp is float and type(value) is float):
+            raise _NotLean  # strict: a bool is not a number, a float not an int
+        num: int | float = float(value) if tp is float else value
+        if num != num or num in (float("inf"), float("-inf")):
+            raise _NotLean
+        if ("ge" in meta and not num >= meta["ge"]) or ("le" in meta and not num <= meta["le"]) \
+                or ("gt" in meta and not num > meta["gt"]):
+            raise _NotLean
+        return num
+    if tp is str:
+        if type(value) is not str:
+            raise _NotLean
+        return value
+    if tp is Path:
+        if type(value) is not str or not value or "\0" in value:
+            raise _NotLean
+        return Path(value)
+    raise _NotLean
+
+
+def _lean_dataclass(value: object, cls: Any) -> object:
+    if type(value) is not dict:
+        raise _NotLean
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if not value.keys() <= fields.keys():
+        raise _NotLean  # an unknown key: the validator says which
+    hints = _hints(cls)
+    kwargs = {name: _lean_value(v, hints[name], fields[name].metadata) for name, v in value.items()}
+    try:
+        return cls(**kwargs)  # __post_init__: the cross-field rules, as under pydantic
+    except (TypeError, ValueError):  # a required key left out, a rule broken
+        raise _NotLean from None
+
+
+def lean_parse(data: dict[str, object]) -> Config | None:
+    """The Config a decoded TOML document means, built without pydantic — or None when the document holds
+    anything this reader does not vouch for (a wrong type, a value out of range, an unknown key, a broken
+    rule), which then goes to the validator (``parse_config``) for its verdict and its message.
+
+    Reads the same definitions the validator reads (field types; ge/le/gt/min_length from the field
+    metadata; ``__post_init__``) and only what strict validation accepts, converted the same way (an int
+    for a float field becomes a float, a string a Path): whatever it accepts, ``parse_config`` gives an equal
+    Config with the same digest (tests/unit/test_config.py holds that over generated documents). So the
+    daemon validates an ordinary config file without pydantic or a child process (~140 ms of start-up)."""
+    try:
+        cfg = _lean_dataclass(data, Config)
+    except (_NotLean, RecursionError):
+        return None
+    return cfg if isinstance(cfg, Config) else None
 
 
 def _read_toml_if_small(path: Path) -> dict[str, object] | None:
@@ -638,21 +694,21 @@ def _read_toml_if_small(path: Path) -> dict[str, object] | None:
 
 
 class PendingConfig:
-    """A config file being validated in a child process (``start_isolated``): the daemon starts it first
-    and imports its own modules meanwhile, so the child's ~170 ms (interpreter, pydantic, validators)
-    overlap the daemon's start-up instead of adding to it."""
+    """A config file read for the daemon: by ``lean_parse`` when it vouches for it (no pydantic), else
+    validated in a child process, which the daemon starts first and imports its own modules meanwhile, so
+    that the child's ~170 ms (interpreter, pydantic, validators) overlap its start-up."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self._proc: Any = None
         self._error: str | None = None
-        self._defaults = False
+        self._lean: Config | None = None
         if path is None:
             return
         data = _read_toml_if_small(path)
-        if data is not None and restates_defaults(data):
-            self._defaults = True  # the shipped file: no child, no pydantic (~170 ms of start-up)
-            return
+        self._lean = lean_parse(data) if data is not None else None
+        if self._lean is not None:
+            return  # an ordinary file (the shipped one among them): no child, no pydantic (~140 ms)
         import subprocess  # ~0.4 MiB the daemon needs only here
 
         try:
@@ -665,8 +721,10 @@ class PendingConfig:
         """The validated Config (the defaults for no file). Raises ConfigError with the child's message
         (naming file and key), as ``load_config`` would."""
         path = self.path
-        if path is None or self._defaults:
+        if path is None:
             return Config()
+        if self._lean is not None:
+            return self._lean
         if self._error is not None:
             raise ConfigError(self._error)
         import subprocess

@@ -286,10 +286,11 @@ def test_isolated_loader_keeps_pydantic_out_of_the_caller(tmp_path: Path) -> Non
     f.write_text(ISOLATED_TOML)
     code = (f"from pathlib import Path\nimport sys\nfrom lmkd_py.config import load_config_isolated\n"
             f"cfg = load_config_isolated(Path({str(f)!r}))\nassert cfg.kill.exit_timeout_ms == 2500\n"
-            "print(sorted(m for m in sys.modules if m.startswith(('pydantic', 're2', 'hashlib'))))")
+            "print(sorted(m for m in sys.modules if m.startswith(('pydantic', 'hashlib'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    # re2: the config has a pattern, which the daemon compiles itself (Rules) when it builds its parts.
+    # Not re2: the config has patterns, which lean_parse compiles as the validator does (PolicyConfig's
+    # rule), and which the daemon compiles anyway when it builds its Rules.
     assert out.stdout.strip() == "[]"
 
 
@@ -320,7 +321,7 @@ def test_config_hash_is_the_hash_pydantic_would_give() -> None:
         assert c.digest() == hashlib.sha256(_adapter().dump_json(c)).hexdigest()[:16]
 
 
-# -- a file that only restates the defaults needs no validator (the shipped one; start-up, issue 13) -------
+# -- an ordinary file needs no validator: lean_parse (start-up, issue 13) --------------------------------
 
 def _default_doc() -> dict[str, Any]:
     """The defaults as a TOML document would write them (no nulls: TOML has none)."""
@@ -366,40 +367,99 @@ def mutated_defaults(draw: st.DrawFn) -> dict[str, Any]:
     return doc
 
 
-def test_the_shipped_file_restates_the_defaults() -> None:
+def test_the_shipped_file_and_an_ordinary_one_need_no_validator(tmp_path: Path) -> None:
     import tomllib
 
-    from lmkd_py.config import restates_defaults
+    from lmkd_py.config import PendingConfig, lean_parse
 
-    assert restates_defaults(tomllib.loads(DEFAULT.read_text()))
-    assert restates_defaults({}) and restates_defaults(_default_doc())
+    assert lean_parse(tomllib.loads(DEFAULT.read_text())) == Config()
+    assert lean_parse({}) == Config() and lean_parse(_default_doc()) == Config()
+    doc = tomllib.loads(ISOLATED_TOML)
+    lean = lean_parse(doc)
+    assert lean is not None and lean == parse_config(doc) and lean.digest() == parse_config(doc).digest()
+    f = tmp_path / "c.toml"
+    f.write_text(ISOLATED_TOML)
+    pending = PendingConfig(f)
+    assert pending._proc is None and pending.result() == load_config(f)  # no child process started
+    f.write_text("[kill]\nexit_timeout_ms = 'x'")
+    pending = PendingConfig(f)
+    assert pending._proc is not None  # a bad file goes to the validator, which names the key
+    with pytest.raises(ConfigError, match=r"kill\.exit_timeout_ms: Input should be a valid integer"):
+        pending.result()
 
 
-@settings(max_examples=400, deadline=None)
+_wide_leaf = st.one_of(_leaf, st.integers(-2**70, 2**70), st.floats(allow_nan=True, allow_infinity=True),
+                       st.sampled_from(["", "/x/m.prom", "/sys/fs/cgroup/a", "rel/path", "/usr/sbin/", "(a", "x*"]),
+                       st.lists(st.sampled_from(["sshd", "a.*", "(b", ""]), max_size=3),
+                       st.lists(st.integers(-1, 70000), max_size=3),
+                       # fresh objects each draw: a later mutation must not change an earlier example
+                       st.builds(lambda: [{"path": "/usr/sbin/sshd", "uid": 0}]),
+                       st.builds(lambda: {"path": "/bin/", "uid": 1}), st.builds(dict))
+
+
+@st.composite
+def mutated_documents(draw: st.DrawFn) -> dict[str, Any]:
+    """The defaults' document with up to four keys dropped, replaced or added, anywhere in it."""
+    doc = _default_doc()
+    for _ in range(draw(st.integers(0, 4))):
+        node: Any = doc
+        while True:
+            keys = list(node.keys()) if isinstance(node, dict) else list(range(len(node)))
+            if not keys:
+                break
+            k = draw(st.sampled_from(keys))
+            child = node[k]
+            if isinstance(child, dict | list) and child and draw(st.booleans()):
+                node = child
+                continue
+            action = draw(st.sampled_from(["drop", "replace", "replace", "add"]))
+            if action == "drop" and isinstance(node, dict):
+                del node[k]
+            elif action == "add" and isinstance(node, dict):
+                node[draw(st.sampled_from(["extra", "dry_rum", "name", "window_us", "cgroup", "textfile"]))] = \
+                    draw(_wide_leaf)
+            else:
+                node[k] = draw(_wide_leaf)
+            break
+    return doc
+
+
+@settings(max_examples=600, deadline=None)
 @example({"pressure": {"mem_floor_min_oom_score_adj": False}})
-@given(mutated_defaults())
-def test_a_document_said_to_restate_the_defaults_is_the_defaults(doc: dict[str, Any]) -> None:
-    """Exactness: whatever restates_defaults accepts, the validator reads as Config() too."""
-    from lmkd_py.config import restates_defaults
+@example({"kill": {"mem_recovery_fraction": 1}})
+@example({"pressure": {"mem_floor_pct": 0}})
+@example({"records": {"path": ""}})
+@given(st.one_of(mutated_defaults(), mutated_documents()))
+def test_what_lean_parse_accepts_the_validator_reads_the_same(doc: dict[str, Any]) -> None:
+    """Exactness: whatever lean_parse builds, the validator accepts too and builds an equal Config with the
+    same digest (an int for a float field is a float in both, so the hash on records is the same)."""
+    from lmkd_py.config import lean_parse
 
-    if restates_defaults(doc):
-        assert parse_config(doc) == Config()
+    lean = lean_parse(doc)
+    if lean is None:
+        return
+    try:
+        full = parse_config(doc)
+    except ConfigError as exc:
+        raise AssertionError(f"lean_parse accepted what the validator refuses: {exc}") from None
+    assert lean == full and lean.digest() == full.digest()
 
 
 @pytest.mark.parametrize(
     ("path", "value"),
-    [(("dry_run",), 0), (("kill", "mrelease"), 1), (("kill", "exit_timeout_ms"), 3000.0), (("mode",), "observe"),
-     (("pressure", "mem_floor_min_oom_score_adj"), False),  # found by the property test: False == 0
-     (("pressure", "mem_floor_pct"), 0), (("candidates", "recheck_top"), True), (("nope",), 1)],
+    [(("dry_run",), 0), (("kill", "mrelease"), 1), (("kill", "exit_timeout_ms"), 3000.0),
+     (("pressure", "mem_floor_min_oom_score_adj"), False),  # False == 0 in Python: strict validation refuses it
+     (("candidates", "recheck_top"), True), (("nope",), 1), (("kill", "exit_timeout_ms"), 99),
+     (("pressure", "mem_floor_pct"), 0.05), (("mode",), "Kill")],
 )
-def test_a_near_restatement_goes_to_the_validator(path: tuple[str, ...], value: object) -> None:
-    # Equal in Python (0 == False, 3000.0 == 3000) or a different config: either way not the defaults'
-    # exact text, so the daemon validates it in the child.
-    from lmkd_py.config import restates_defaults
+def test_a_value_strict_validation_refuses_goes_to_the_validator(path: tuple[str, ...], value: object) -> None:
+    from lmkd_py.config import lean_parse
 
     doc: dict[str, Any] = _default_doc()
     node = doc
     for key in path[:-1]:
         node = node[key]
     node[path[-1]] = value
-    assert not restates_defaults(doc)
+    assert lean_parse(doc) is None
+    with pytest.raises(ConfigError):
+        parse_config(doc)
