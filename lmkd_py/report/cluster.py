@@ -203,10 +203,6 @@ class Window:
     def column(self, bins: IntArray) -> IntArray:
         return np.clip((bins - self.lo) // self.factor + 1, 0, self.width + 1)
 
-    def bin_at(self, column: int) -> int:
-        """The first fine bin of ``column`` (clamped to the window)."""
-        return self.lo + (min(max(column, 1), self.width) - 1) * self.factor
-
 
 @dataclass
 class WindowCounts:
