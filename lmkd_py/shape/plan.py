@@ -196,6 +196,19 @@ def _match_out(targets: list[ShapeVma], have: Iterable[ShapeVma]) -> list[ShapeV
     return rest
 
 
+def _grow_for(vmas: list[ShapeVma], short: int, page_kib: int) -> list[ShapeVma]:
+    """When the VMAs left to map are too small to hold ``short`` more resident KiB (a VMA the replica
+    already has stood in for a larger one of the shape), make the largest small-page one longer by that
+    much, resident: the class keeps its resident total and its VMA count, at the cost of one size."""
+    if short < page_kib or not vmas:
+        return vmas
+    grow = -(-short // page_kib) * page_kib
+    plain = [i for i, v in enumerate(vmas) if not v.thp_kib] or list(range(len(vmas)))
+    i = max(plain, key=lambda j: vmas[j].size_kib)
+    v = vmas[i]
+    return [*vmas[:i], dataclasses.replace(v, size_kib=v.size_kib + grow, rss_kib=v.rss_kib + grow), *vmas[i + 1:]]
+
+
 def _spread(vmas: list[ShapeVma], field: str, delta: int, cap: str | None, page_kib: int) -> list[ShapeVma]:
     """Add ``delta`` KiB (may be negative) of ``field`` over ``vmas`` in proportion to what each can take
     (up to its ``cap`` field, or size), in whole pages. Whatever cannot be placed is dropped."""
@@ -226,14 +239,20 @@ def _fit_class(cls: str, target: list[ShapeVma], have: list[ShapeVma], page_kib:
         warnings.append(f"{cls}: the replica's interpreter alone has {len(have)} VMAs, the shape {len(target)}: "
                         "the replica has more")
     rest = _match_out(target, have)
-    for field, cap in (("rss_kib", None), ("dirty_kib", "rss_kib")):
-        delta = sum(getattr(v, field) for v in target) - sum(getattr(v, field) for v in have) \
+
+    def wanted(field: str) -> int:  # what ``rest`` still lacks of ``field`` for the class to match
+        total: int = sum(getattr(v, field) for v in target) - sum(getattr(v, field) for v in have) \
             - sum(getattr(v, field) for v in rest)
-        rest = _spread(rest, field, delta, cap, page_kib)
-        if field == "rss_kib":  # keep dirty <= rss after lowering rss
+        return total
+
+    for field, cap in (("rss_kib", None), ("dirty_kib", "rss_kib")):
+        rest = _spread(rest, field, wanted(field), cap, page_kib)
+        if field == "rss_kib":
+            rest = _grow_for(rest, wanted(field), page_kib)
+            # keep dirty <= rss after lowering rss
             rest = [dataclasses.replace(v, dirty_kib=min(v.dirty_kib, v.rss_kib),
                                         thp_kib=min(v.thp_kib, v.rss_kib)) for v in rest]
-    short = sum(v.rss_kib for v in target) - sum(v.rss_kib for v in have) - sum(v.rss_kib for v in rest)
+    short = wanted("rss_kib")
     if short < -1024:
         warnings.append(f"{cls}: the replica's interpreter alone holds {-short} KiB more resident than the shape")
     return rest

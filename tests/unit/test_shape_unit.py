@@ -263,6 +263,30 @@ def test_plan_subtracts_the_baseline_class_by_class() -> None:
     assert any("file_private: the replica's interpreter alone has 30 VMAs" in w for w in warnings)
 
 
+def test_plan_keeps_the_resident_total_when_a_baseline_vma_takes_a_large_ones_place() -> None:
+    # The case of a CI failure: the shape has three threads' malloc arenas (64 MiB PROT_NONE each); doubled,
+    # six, and six thread stacks. The replica runs 2 x 4 - 1 = 7 threads, so its seventh arena and stack
+    # stand in for the next nearest sizes: the shape's half-resident 18 MiB VMA and a 3.4 MiB one, whose
+    # resident memory the other VMAs cannot hold.
+    arena = ShapeVma("anon_private", "---", 65404)
+    stack = ShapeVma("anon_private", "rw-", 8192, rss_kib=8, dirty_kib=8)
+    shape = shape_of([*[arena] * 3, *[stack] * 3, ShapeVma("anon_private", "rw-", 3480, rss_kib=2924, dirty_kib=2924),
+                      ShapeVma("anon_private", "rw-", 16384, rss_kib=16384, dirty_kib=16384, thp_kib=16384),
+                      ShapeVma("anon_private", "rw-", 18816, rss_kib=9408, dirty_kib=9408),
+                      *[ShapeVma("anon_private", "rw-", 204, rss_kib=204, dirty_kib=204)] * 6])
+    target = target_for(shape, HERE, scale=2.0)
+    baseline = shape_of([*[arena] * 7, *[stack] * 7,
+                         ShapeVma("anon_private", "rw-", 2448, rss_kib=2000, dirty_kib=2000)])
+    plan, _ = replay_plan(target, baseline, HERE)
+    anon = [p for p in plan["pieces"] if p[0] == "anon_private"]
+    assert len(anon) == len(target.of("anon_private")) - 15 - 2  # the baseline's VMAs and two guards
+    want = sum(v.rss_kib for v in target.of("anon_private"))
+    assert sum(p[3] for p in anon) // 1024 + 7 * 8 + 2000 == want
+    assert all(p[3] <= p[2] and p[4] <= p[3] for p in anon)
+    # The THP pieces are left as they were: the small-page one grew.
+    assert sorted(p[5] for p in anon if p[5]) == [16384 * 1024] * 2
+
+
 def test_fidelity_rows() -> None:
     a = shape_of(mixed())
     b = shape_of(mixed()[:-5])
