@@ -342,31 +342,6 @@ _leaf = st.one_of(st.booleans(), st.integers(-5, 2_000_000), st.floats(-1, 100, 
                   st.sampled_from(["auto", "some", "full", "kill", "x", "medium"]), st.just([]))
 
 
-@st.composite
-def mutated_defaults(draw: st.DrawFn) -> dict[str, Any]:
-    doc = _default_doc()
-    for _ in range(draw(st.integers(0, 3))):
-        node: Any = doc
-        while True:  # walk down to a random table or array
-            keys = list(node.keys()) if isinstance(node, dict) else list(range(len(node)))
-            if not keys:
-                break
-            k = draw(st.sampled_from(keys))
-            child = node[k]
-            if isinstance(child, dict | list) and child and draw(st.booleans()):
-                node = child
-                continue
-            action = draw(st.sampled_from(["drop", "replace", "add"]))
-            if action == "drop" and isinstance(node, dict):
-                del node[k]
-            elif action == "add" and isinstance(node, dict):
-                node[draw(st.sampled_from(["extra", "dry_rum", "name", "window_us"]))] = draw(_leaf)
-            else:
-                node[k] = draw(_leaf)
-            break
-    return doc
-
-
 def test_the_shipped_file_and_an_ordinary_one_need_no_validator(tmp_path: Path) -> None:
     import tomllib
 
@@ -398,12 +373,14 @@ _wide_leaf = st.one_of(_leaf, st.integers(-2**70, 2**70), st.floats(allow_nan=Tr
 
 
 @st.composite
-def mutated_documents(draw: st.DrawFn) -> dict[str, Any]:
-    """The defaults' document with up to four keys dropped, replaced or added, anywhere in it."""
+def mutated_documents(draw: st.DrawFn, leaf: st.SearchStrategy[Any] = _wide_leaf, edits: int = 4,
+                      added: tuple[str, ...] = ("extra", "dry_rum", "name", "window_us", "cgroup", "textfile"),
+                      ) -> dict[str, Any]:
+    """The defaults' document with up to ``edits`` keys dropped, replaced or added, anywhere in it."""
     doc = _default_doc()
-    for _ in range(draw(st.integers(0, 4))):
+    for _ in range(draw(st.integers(0, edits))):
         node: Any = doc
-        while True:
+        while True:  # walk down to a random table or array
             keys = list(node.keys()) if isinstance(node, dict) else list(range(len(node)))
             if not keys:
                 break
@@ -416,10 +393,9 @@ def mutated_documents(draw: st.DrawFn) -> dict[str, Any]:
             if action == "drop" and isinstance(node, dict):
                 del node[k]
             elif action == "add" and isinstance(node, dict):
-                node[draw(st.sampled_from(["extra", "dry_rum", "name", "window_us", "cgroup", "textfile"]))] = \
-                    draw(_wide_leaf)
+                node[draw(st.sampled_from(added))] = draw(leaf)
             else:
-                node[k] = draw(_wide_leaf)
+                node[k] = draw(leaf)
             break
     return doc
 
@@ -429,7 +405,7 @@ def mutated_documents(draw: st.DrawFn) -> dict[str, Any]:
 @example({"kill": {"mem_recovery_fraction": 1}})
 @example({"pressure": {"mem_floor_pct": 0}})
 @example({"records": {"path": ""}})
-@given(st.one_of(mutated_defaults(), mutated_documents()))
+@given(st.one_of(mutated_documents(_leaf, 3, ("extra", "dry_rum", "name", "window_us")), mutated_documents()))
 def test_what_lean_parse_accepts_the_validator_reads_the_same(doc: dict[str, Any]) -> None:
     """Exactness: whatever lean_parse builds, the validator accepts too and builds an equal Config with the
     same digest (an int for a float field is a float in both, so the hash on records is the same)."""
