@@ -140,6 +140,12 @@ class PressureConfig:
     mem_floor_min_oom_score_adj: int = Field(
         default=0, ge=-999, le=1000, description="lowest oom_score_adj the memory floor may kill"
     )
+    mem_floor_lead_ms: int = Field(
+        default=250, ge=0, le=10_000,
+        description="while free memory is falling, raise the floor to what the measured fall uses in this "
+        "long (or in the last kill's own kill->memory-back time, when longer): a kill gives memory back only "
+        "after a while, and the kernel OOM killer does not wait. At most 4x mem_floor_pct. 0: a fixed floor",
+    )
 
     def __post_init__(self) -> None:
         pct = self.mem_floor_pct

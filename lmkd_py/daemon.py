@@ -504,6 +504,9 @@ class Daemon:
         self.stats.outcomes[record.outcome.value] = self.stats.outcomes.get(record.outcome.value, 0) + 1
         if record.outcome is Outcome.KILLED:
             self.stats.kills += 1
+            learn = getattr(self.source, "learn_recovery", None)  # the free-memory floor leads by it
+            if learn is not None and record.kill_to_mem_recovered_ns is not None:
+                learn(record.kill_to_mem_recovered_ns)
         elif record.outcome is Outcome.DRY_RUN:
             self.stats.dry_runs += 1
         else:

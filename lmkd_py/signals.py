@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import select
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -120,6 +121,12 @@ class AdaptiveSource:
         self._next = now + self.last_period_ns
         return events
 
+    def learn_recovery(self, kill_to_mem_back_ns: int) -> None:
+        """A kill's kill→memory-back time, for the checks that lead by it (FloorCheck)."""
+        for c in self.checks:
+            if isinstance(c, FloorCheck):
+                c.learn_recovery(kill_to_mem_back_ns)
+
     def _throttle(self, i: int, got: list[PressureEvent], now: int) -> list[PressureEvent]:
         """Drop reports of a condition that still holds within ``repeat_ns`` of its last report; forget
         the conditions this check no longer reports (the next one is new and goes out at once)."""
@@ -174,21 +181,67 @@ class AdaptiveSource:
         self.inner.close()
 
 
+# The fall of free memory is measured from the newest sample at least RATE_SPAN_NS old (closer ones are
+# noise: per-CPU counters drift by pages), so a recovery shows at once; none older than RATE_STALE_NS.
+RATE_SPAN_NS = 100_000_000
+RATE_STALE_NS = 2_000_000_000
+# The lead may raise the floor to at most this many times the percentage floor.
+LEAD_CAP = 4
+MAX_LEAD_NS = 10_000_000_000  # a learned lead longer than the longest configurable one is not believed
+
+
 class FloorCheck:
     """Free memory (MemAvailable + per-CPU free lists) against ``floor_pct`` of MemTotal, system-wide.
 
     PSI measures stalls; a machine with no swap and little page cache can run out of memory with hardly
     any (the arm64 lab's diskless guest: ~20 ms of stall before the kernel OOM kill), so a floor backs
-    the triggers up, as earlyoom's threshold does."""
+    the triggers up, as earlyoom's threshold does.
+
+    A fixed floor is too low when memory falls fast: a kill gives memory back only some time after the
+    signal (kill→memory back: ~10 ms for a small victim on hardware, ~200 ms under emulation), and the
+    kernel's OOM killer does not wait for it. So while free memory is falling, the floor is at least what
+    the measured fall uses in ``lead_ns`` — the configured lead, or the last kill's own kill→memory-back
+    time when that was longer (``learn_recovery``) — up to ``LEAD_CAP`` times the percentage floor."""
 
     name = "free memory floor"
 
-    def __init__(self, read_free: Callable[[], tuple[int, int] | None], floor_pct: float, level: Level) -> None:
+    def __init__(self, read_free: Callable[[], tuple[int, int] | None], floor_pct: float, level: Level,
+                 *, lead_ms: int = 0, clock: Clock = time.monotonic_ns) -> None:
         self.read_free = read_free
         self.floor_pct = floor_pct
         self.level = level
-        self.name = f"free memory floor {floor_pct:g} %"
+        self.lead_ns = lead_ms * 1_000_000
+        self.learned_ns = 0
+        self.clock = clock
+        self.name = f"free memory floor {floor_pct:g} %" + (f" (lead {lead_ms} ms)" if lead_ms else "")
+        self._samples: deque[tuple[int, int]] = deque()
         self._unreadable_logged = False
+
+    def learn_recovery(self, kill_to_mem_back_ns: int) -> None:
+        """The last kill's kill→memory-back time: the lead is at least this long until the next kill says
+        otherwise (a lead of 0 — off — stays off)."""
+        self.learned_ns = min(max(0, kill_to_mem_back_ns), MAX_LEAD_NS)
+
+    def fall_kib_s(self, now_ns: int, free_kib: int) -> int:
+        """Record a sample; how fast free memory has been falling (KiB/s, 0 when rising or unknown)."""
+        samples = self._samples
+        samples.append((now_ns, free_kib))
+        while len(samples) > 1 and now_ns - samples[1][0] >= RATE_SPAN_NS:
+            samples.popleft()  # the next one is old enough too: the first is not the newest such
+        t0, free0 = samples[0]
+        span = now_ns - t0
+        if not RATE_SPAN_NS <= span <= RATE_STALE_NS:
+            return 0
+        return max(0, (free0 - free_kib) * 1_000_000_000 // span)
+
+    def floor_kib(self, now_ns: int, free_kib: int, total_kib: int) -> tuple[int, int]:
+        """(the floor now, the fall rate in KiB/s it was raised by)."""
+        base = round(total_kib * self.floor_pct / 100)
+        fall = self.fall_kib_s(now_ns, free_kib)
+        if not self.lead_ns or not fall:
+            return base, fall
+        lead = fall * max(self.lead_ns, self.learned_ns) // 1_000_000_000
+        return max(base, min(lead, LEAD_CAP * base)), fall
 
     def check(self, now_ns: int) -> CheckResult:
         got = self.read_free()
@@ -198,19 +251,25 @@ class FloorCheck:
                 self._unreadable_logged = True
             return CheckResult()
         free_kib, total_kib = got
-        floor_kib = round(total_kib * self.floor_pct / 100)
+        floor_kib, fall = self.floor_kib(now_ns, free_kib, total_kib)
         margin = free_kib - floor_kib
         if margin >= 0:
             return CheckResult(margin_kib=margin)
-        event = PressureEvent(self.level, now_ns, "mem_floor", f"free {free_kib} KiB < {floor_kib} KiB",
-                              kill_reason="mem_floor", signals={"free_kib": free_kib, "floor_kib": floor_kib},
-                              still=self.below)
+        signals = {"free_kib": free_kib, "floor_kib": floor_kib}
+        reason = f"free {free_kib} KiB < {floor_kib} KiB"
+        if floor_kib > round(total_kib * self.floor_pct / 100):
+            signals["fall_kib_s"] = fall
+            reason += f" (falling {fall // 1024} MiB/s)"
+        event = PressureEvent(self.level, now_ns, "mem_floor", reason,
+                              kill_reason="mem_floor", signals=signals, still=self.below)
         return CheckResult([event], 0)
 
     def below(self) -> bool:
         """Whether free memory is below the floor now (False when unreadable: do not kill blind)."""
         got = self.read_free()
-        return got is not None and got[0] < got[1] * self.floor_pct / 100
+        if got is None:
+            return False
+        return got[0] < self.floor_kib(self.clock(), *got)[0]
 
     def wake_fds(self) -> Mapping[int, int]:
         return {}

@@ -106,6 +106,7 @@ class FakeKiller:
         self.kill_ns = kill_ns
         self.killed: list[int] = []
         self.tracer = None
+        self.mem_back_ns: int | None = None  # kill->memory back of a kill that succeeds
 
     def kill(
         self, expected: Victim, *, dry_run: bool = False, pressure: Pressure | None = None, pidfd: int | None = None
@@ -116,7 +117,8 @@ class FakeKiller:
         outcome = Outcome.DRY_RUN if dry_run else (self.outcomes.pop(0) if self.outcomes else Outcome.KILLED)
         return KillRecord(record_id="x", wall_time="t", outcome=outcome, dry_run=dry_run, victim=expected,
                           steps=Steps(start_ns=start, end_ns=self.clock.t), pressure=pressure,
-                          mrelease=Mrelease(status=MreleaseStatus.OK))
+                          mrelease=Mrelease(status=MreleaseStatus.OK),
+                          kill_to_mem_recovered_ns=self.mem_back_ns if outcome is Outcome.KILLED else None)
 
     def close(self) -> None:
         pass
@@ -393,6 +395,19 @@ def test_memory_floor_event_skipped_when_its_own_recheck_says_recovered() -> Non
     floor = Level(name="mem_floor", stall="some", threshold_us=1, window_us=2_000_000, min_oom_score_adj=0)
     d.handle([PressureEvent(floor, clock.t, "mem_floor", "free", kill_reason="mem_floor", still=lambda: False)])
     assert killer.killed == [] and d.stats.skipped_recovered == 1
+
+
+def test_a_kills_memory_back_time_reaches_the_floor_that_leads_by_it() -> None:
+    d, (clock, src, _t, killer, _sink) = make([Outcome.SIGNAL_FAILED, Outcome.KILLED])
+    learned: list[int] = []
+    src.learn_recovery = learned.append
+    killer.mem_back_ns = 320_000_000
+    d.handle([ev(MEDIUM, clock)])
+    assert killer.killed == [11, 10] and learned == [320_000_000]  # the failed attempt taught nothing
+    del src.learn_recovery  # a source without the floor (PSI alone): nothing to tell, nothing breaks
+    clock.t += 10**10
+    d.handle([ev(MEDIUM, clock)])
+    assert len(killer.killed) == 3
 
 
 def test_pressure_right_after_a_kill_is_named_so() -> None:

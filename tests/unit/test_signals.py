@@ -160,6 +160,48 @@ def test_floor_fires_below_and_rechecks() -> None:
     assert [e["event"] for e in logs] == ["signals.floor_unreadable"]
 
 
+def test_floor_leads_a_fast_fall_by_the_time_a_kill_takes() -> None:
+    total = 1024 * 1024  # 1 GiB: the percentage floor (5 %) is 52,429 KiB
+    free = [600_000]
+    floor = FloorCheck(lambda: (free[0], total), 5.0, signal_level("mem_floor", 0), lead_ms=250)
+    ms = 1_000_000
+    assert floor.check(0).margin_kib == 600_000 - 52_429  # one sample: no rate yet
+    free[0] = 580_000  # 20 MiB in 100 ms: 200,000 KiB/s, whose 250 ms (50,000 KiB) stay under 5 %
+    assert floor.check(100 * ms).margin_kib == 580_000 - 52_429
+    free[0] = 20_000  # 560,000 KiB in the 500 ms since the last sample: 1,120,000 KiB/s -> 280,000, capped at 4x
+    got = floor.check(600 * ms)
+    assert got.margin_kib == 0 and [e.kill_reason for e in got.events] == ["mem_floor"]
+    ev = got.events[0]
+    assert ev.signals == {"free_kib": 20_000, "floor_kib": 4 * 52_429, "fall_kib_s": 1_120_000}
+    assert ev.source.endswith("(falling 1093 MiB/s)")
+    # Rising again: the floor is the percentage's at once, the event is over.
+    free[0] = 300_000
+    assert floor.check(700 * ms).events == [] and floor.check(800 * ms).margin_kib == 300_000 - 52_429
+
+
+def test_floor_lead_learns_a_slow_recovery_and_off_means_off() -> None:
+    total, ms = 1024 * 1024, 1_000_000
+    free = [400_000]
+
+    def falling(lead_ms: int, learned_ms: int | None) -> int:
+        floor = FloorCheck(lambda: (free[0], total), 5.0, signal_level("mem_floor", 0), lead_ms=lead_ms)
+        if learned_ms is not None:
+            floor.learn_recovery(learned_ms * ms)
+        free[0] = 400_000
+        floor.check(0)
+        free[0] = 380_000  # 200,000 KiB/s over 100 ms
+        return floor.floor_kib(100 * ms, 380_000, total)[0]
+
+    assert falling(250, None) == 52_429  # 50,000 KiB: under the percentage floor
+    assert falling(250, 400) == 80_000  # the last kill took 400 ms to give memory back
+    assert falling(250, 100) == 52_429  # a faster one does not lower the configured lead
+    assert falling(0, 400) == 52_429  # no lead configured: a fixed floor whatever was learned
+    src = AdaptiveSource(Inner(Clock()), [FloorCheck(lambda: None, 5.0, signal_level("mem_floor", 0), lead_ms=1)],
+                         rate_kib_s=1024, min_ns=ms, max_ns=1000 * ms)
+    src.learn_recovery(30_000 * ms)
+    assert src.checks[0].learned_ns == 10_000 * ms  # forwarded, and not believed past 10 s  # type: ignore[attr-defined]
+
+
 def test_wrap_sources_composes_what_applies(tmp_path: Path) -> None:
     clock = Clock()
     proc = ProcFs(tmp_path)
