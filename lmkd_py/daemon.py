@@ -338,7 +338,7 @@ class Daemon:
         event = min(events, key=lambda e: e.level.min_oom_score_adj)
         psi = self.source.read()
         log.info("psi.event", psi_level=event.level.name, mechanism=event.mechanism, kill_reason=event.kill_reason,
-                 some_avg10=psi.some.avg10 if psi else None)
+                 some_avg10=psi.some.avg10 if psi else None, why=event.source)
         for e in events:
             self.metrics.pressure_event(e.level.name, *_avg10(psi))
         if event.level.min_oom_score_adj >= NEVER_KILL_ADJ:

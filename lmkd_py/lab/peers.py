@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -108,7 +109,45 @@ def _wait_line(proc: subprocess.Popen[bytes], needle: bytes, timeout_s: float, s
     return False
 
 
-def _start_daemon(mode: str, records: Path) -> subprocess.Popen[bytes] | None:
+def _wait_in_file(proc: subprocess.Popen[bytes], path: Path, needle: bytes, timeout_s: float) -> bool:
+    """Whether ``needle`` appeared in the file ``proc`` writes its log to, before it exited or timed out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if needle in path.read_bytes():
+                return True
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.2)
+    return False
+
+
+DAEMON_EVENTS: Final = ("psi.event", "kill.")
+
+
+def daemon_events(log_text: str, t0_wall: float, limit: int = 12) -> list[dict[str, Any]]:
+    """The daemon's decisions from its JSON log (its pressure events and kill lines), the first ``limit``,
+    each trimmed to what tells when (``at_ms`` after ``t0_wall``, the grower's start) and why. Pure."""
+    out: list[dict[str, Any]] = []
+    for line in log_text.splitlines():
+        try:
+            entry = json.loads(line)
+            at = datetime.fromisoformat(entry["timestamp"]).timestamp()
+        except (ValueError, KeyError, TypeError):
+            continue
+        if not str(entry.get("event", "")).startswith(DAEMON_EVENTS):
+            continue
+        keep = ("event", "kill_reason", "why", "pid", "comm", "reason")
+        fields = {k: entry[k] for k in keep if entry.get(k) is not None}
+        out.append({"at_ms": round((at - t0_wall) * 1000, 1), **fields})
+        if len(out) >= limit:
+            break
+    return out
+
+
+def _start_daemon(mode: str, records: Path, log_path: Path) -> subprocess.Popen[bytes] | None:
     if mode == "none":
         return None
     if mode == "earlyoom":
@@ -119,13 +158,18 @@ def _start_daemon(mode: str, records: Path) -> subprocess.Popen[bytes] | None:
     else:
         argv = [sys.executable, "-c", "import sys; from lmkd_py.cli import main; sys.exit(main())",
                 "--records", str(records), "--tracing", "off", "--log-format", "json"]
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        ready = _wait_line(proc, b"daemon.ready", DAEMON_READY_TIMEOUT_S)
+        # Its log goes to a file: what it decided, and when, goes into the episode's result.
+        with open(log_path, "wb") as log_file:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_file)
+        ready = _wait_in_file(proc, log_path, b"daemon.ready", DAEMON_READY_TIMEOUT_S)
     if not ready:
         exited = proc.poll()
         tail = b""
-        if exited is not None and proc.stderr is not None:
-            tail = proc.stderr.read()[-400:]
+        if exited is not None:
+            if proc.stderr is not None:
+                tail = proc.stderr.read()[-400:]
+            elif log_path.exists():
+                tail = log_path.read_bytes()[-400:]
         _stop(proc)
         if exited is not None:
             why = tail.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
@@ -165,6 +209,7 @@ def episode(mode: str, rnd: int) -> dict[str, Any]:
     records_dir = workdir / "lmkd-py-peers"
     records_dir.mkdir(mode=0o700, exist_ok=True)
     records = records_dir / f"peer-{mode}-{rnd}.jsonl"
+    log_path = records_dir / f"peer-{mode}-{rnd}.log"
     named: dict[str, Any] = {}
     grower: subprocess.Popen[bytes] | None = None
     daemon: subprocess.Popen[bytes] | None = None
@@ -175,13 +220,13 @@ def episode(mode: str, rnd: int) -> dict[str, Any]:
             named[f"bystander{i}"] = spawn_victim(VictimSpec(size_mib=BYSTANDER_MIB, adj=300), workdir=workdir)
         for child in named.values():
             child.wait_ready(600)
-        daemon = _start_daemon(mode, records)
+        daemon = _start_daemon(mode, records, log_path)
         time.sleep(1.0)
         oom0 = _read_int_field("/proc/vmstat", "oom_kill")
         full0 = _psi_full_us()
         target_mib = _mem_available_mib() + VICTIM_MIB // 2
         result.update(mem_available_mib=target_mib - VICTIM_MIB // 2, grower_target_mib=target_mib)
-        t0 = time.monotonic_ns()
+        t0, t0_wall = time.monotonic_ns(), time.time()
         grower = subprocess.Popen([sys.executable, "-I", "-S", "-c", GROWER, str(target_mib), str(STEP_MIB)],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         assert grower.stdout is not None
@@ -214,6 +259,10 @@ def episode(mode: str, rnd: int) -> dict[str, Any]:
             daemon_records=_count_lines(records),
             timed_out=recovered_ns is None and grower.poll() is None,
         )
+        if mode == "lmkd-py":
+            # Its decisions, timed from the grower's start as the deaths are.
+            text = log_path.read_text(errors="replace") if log_path.exists() else ""
+            result["daemon_events"] = daemon_events(text, t0_wall)
     except (OSError, RuntimeError, TimeoutError) as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
     finally:

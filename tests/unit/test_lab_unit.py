@@ -606,3 +606,26 @@ def test_header_adds_up_the_boots_of_each_kernel(tmp_path: Path) -> None:
     assert "booted once, one after the other" not in text
     single = "\n".join(header_lines(runs[:2], [runs[0].kernel, runs[1].kernel], guest, 50.0))
     assert "booted once, one after the other" in single
+
+
+def test_daemon_events_are_timed_from_the_growers_start_and_trimmed() -> None:
+    from datetime import datetime
+
+    from lmkd_py.lab.peers import daemon_events
+
+    t0 = datetime.fromisoformat("2026-12-03T07:50:54.000000Z").timestamp()
+    log = "\n".join([
+        '{"event": "daemon.ready", "timestamp": "2026-12-03T07:50:53.900000Z"}',
+        "not json",
+        '{"event": "psi.event", "kill_reason": "mem_floor", "why": "free 1 KiB < 2 KiB (falling 300 MiB/s)",'
+        ' "some_avg10": 0.0, "timestamp": "2026-12-03T07:50:56.250000Z"}',
+        '{"event": "kill.sent", "pid": 42, "comm": "victim", "rss_kib": 1, "timestamp": "2026-12-03T07:50:56.2625Z"}',
+        '{"event": "kill.sent", "timestamp": "yesterday"}',
+        '["kill.sent"]',
+    ])
+    assert daemon_events(log, t0) == [
+        {"at_ms": 2250.0, "event": "psi.event", "kill_reason": "mem_floor",
+         "why": "free 1 KiB < 2 KiB (falling 300 MiB/s)"},
+        {"at_ms": 2262.5, "event": "kill.sent", "pid": 42, "comm": "victim"},
+    ]
+    assert len(daemon_events(log, t0, limit=1)) == 1
