@@ -261,15 +261,16 @@ class FloorCheck:
             signals["fall_kib_s"] = fall
             reason += f" (falling {fall // 1024} MiB/s)"
         event = PressureEvent(self.level, now_ns, "mem_floor", reason,
-                              kill_reason="mem_floor", signals=signals, still=self.below)
+                              kill_reason="mem_floor", signals=signals, still=lambda: self.below(floor_kib))
         return CheckResult([event], 0)
 
-    def below(self) -> bool:
-        """Whether free memory is below the floor now (False when unreadable: do not kill blind)."""
+    def below(self, floor_kib: int) -> bool:
+        """Whether free memory is below ``floor_kib`` — the floor the event fired at — now (False when
+        unreadable: do not kill blind). Not the floor recomputed: the fall's rate jitters from one sample to
+        the next (an allocator's steps), and a re-check against a floor 10 MiB lower skipped kills that the
+        kernel's OOM killer then made (arm64 lab, 7.3.4)."""
         got = self.read_free()
-        if got is None:
-            return False
-        return got[0] < self.floor_kib(self.clock(), *got)[0]
+        return got is not None and got[0] < floor_kib
 
     def wake_fds(self) -> Mapping[int, int]:
         return {}

@@ -174,6 +174,11 @@ def test_floor_leads_a_fast_fall_by_the_time_a_kill_takes() -> None:
     ev = got.events[0]
     assert ev.signals == {"free_kib": 20_000, "floor_kib": 4 * 52_429, "fall_kib_s": 1_120_000}
     assert ev.source.endswith("(falling 1093 MiB/s)")
+    # The re-check before the kill holds the event's floor, whatever the fall's rate does meanwhile.
+    free[0] = 150_000
+    assert ev.still is not None and ev.still()
+    free[0] = 4 * 52_429
+    assert not ev.still()
     # Rising again: the floor is the percentage's at once, the event is over.
     free[0] = 300_000
     assert floor.check(700 * ms).events == [] and floor.check(800 * ms).margin_kib == 300_000 - 52_429
