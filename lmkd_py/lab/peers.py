@@ -124,7 +124,7 @@ def _wait_in_file(proc: subprocess.Popen[bytes], path: Path, needle: bytes, time
     return False
 
 
-DAEMON_EVENTS: Final = ("psi.event", "kill.")
+DAEMON_EVENTS: Final = ("daemon.ready", "psi.event", "kill.", "table.")
 
 
 def daemon_events(log_text: str, t0_wall: float, limit: int = 12) -> list[dict[str, Any]]:
@@ -139,7 +139,7 @@ def daemon_events(log_text: str, t0_wall: float, limit: int = 12) -> list[dict[s
             continue
         if not str(entry.get("event", "")).startswith(DAEMON_EVENTS):
             continue
-        keep = ("event", "kill_reason", "why", "pid", "comm", "reason")
+        keep = ("event", "kill_reason", "why", "pid", "comm", "reason", "refresh_ms", "next_check_ms")
         fields = {k: entry[k] for k in keep if entry.get(k) is not None}
         out.append({"at_ms": round((at - t0_wall) * 1000, 1), **fields})
         if len(out) >= limit:

@@ -410,6 +410,38 @@ def test_a_kills_memory_back_time_reaches_the_floor_that_leads_by_it() -> None:
     assert len(killer.killed) == 3
 
 
+def test_the_refresh_waits_while_a_signal_may_fire_sooner_than_a_refresh_takes() -> None:
+    d, (clock, src, table, _k, _sink) = make()
+    ms = 1_000_000
+    every = d.cfg.candidates.refresh_interval_ms * ms
+    d._refresh_cost_ns = 300 * ms  # a refresh under emulation
+    d._last_refresh, d._next_refresh = clock.t, clock.t + every
+    clock.t += every  # the refresh is due ...
+    src.last_period_ns = 20 * ms  # ... but the signals' next check is 20 ms away: memory is close
+    with structlog.testing.capture_logs() as logs:
+        d.iterate(0)
+        clock.t += 300 * ms
+        d.iterate(0)
+    assert table.refreshes == 0 and [e["event"] for e in logs] == ["table.refresh_deferred"]  # logged once
+    src.last_period_ns = 1000 * ms  # far from every threshold again
+    clock.t += 300 * ms
+    d.iterate(0)
+    assert table.refreshes == 1 and d._refresh_cost_ns == 0  # the fake refresh takes no time on the fake clock
+    # Close for good: put off at most one more interval.
+    d._refresh_cost_ns = 300 * ms
+    src.last_period_ns = 10 * ms
+    clock.t += every
+    d.iterate(0)
+    assert table.refreshes == 1
+    clock.t += every
+    d.iterate(0)
+    assert table.refreshes == 2
+    del src.last_period_ns  # a source without adaptive signals: refresh on time
+    clock.t += every
+    d.iterate(0)
+    assert table.refreshes == 3
+
+
 def test_pressure_right_after_a_kill_is_named_so() -> None:
     cfg = Config(kill=KillConfig(min_interval_ms=500))
     d, (clock, _src, _t, _killer, sink) = make(cfg=cfg)

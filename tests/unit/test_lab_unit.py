@@ -615,7 +615,8 @@ def test_daemon_events_are_timed_from_the_growers_start_and_trimmed() -> None:
 
     t0 = datetime.fromisoformat("2026-12-03T07:50:54.000000Z").timestamp()
     log = "\n".join([
-        '{"event": "daemon.ready", "timestamp": "2026-12-03T07:50:53.900000Z"}',
+        '{"event": "daemon.ready", "refresh_ms": 212.5, "candidates": 9, "timestamp": "2026-12-03T07:50:53.900000Z"}',
+        '{"event": "records.opened", "timestamp": "2026-12-03T07:50:53.950000Z"}',
         "not json",
         '{"event": "psi.event", "kill_reason": "mem_floor", "why": "free 1 KiB < 2 KiB (falling 300 MiB/s)",'
         ' "some_avg10": 0.0, "timestamp": "2026-12-03T07:50:56.250000Z"}',
@@ -624,8 +625,9 @@ def test_daemon_events_are_timed_from_the_growers_start_and_trimmed() -> None:
         '["kill.sent"]',
     ])
     assert daemon_events(log, t0) == [
+        {"at_ms": -100.0, "event": "daemon.ready", "refresh_ms": 212.5},
         {"at_ms": 2250.0, "event": "psi.event", "kill_reason": "mem_floor",
          "why": "free 1 KiB < 2 KiB (falling 300 MiB/s)"},
         {"at_ms": 2262.5, "event": "kill.sent", "pid": 42, "comm": "victim"},
     ]
-    assert len(daemon_events(log, t0, limit=1)) == 1
+    assert len(daemon_events(log, t0, limit=2)) == 2
