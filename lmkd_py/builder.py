@@ -92,7 +92,7 @@ def wrap_sources(
     if p.mem_floor_pct is not None and scope_dir is None:
         checks.append(FloorCheck(proc.free_and_total_kib, p.mem_floor_pct,
                                  signal_level("mem_floor", p.mem_floor_min_oom_score_adj),
-                                 lead_ms=p.mem_floor_lead_ms, clock=clock))
+                                 lead_ms=p.mem_floor_lead_ms))
     if scope_dir is not None and s.cgroup_headroom:
         checks.append(HeadroomCheck.open(scope_dir, s, proc, sys_root=sys_root, mounts_path=mounts_path))
     if s.lmkd_reasons:

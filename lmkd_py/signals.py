@@ -206,13 +206,12 @@ class FloorCheck:
     name = "free memory floor"
 
     def __init__(self, read_free: Callable[[], tuple[int, int] | None], floor_pct: float, level: Level,
-                 *, lead_ms: int = 0, clock: Clock = time.monotonic_ns) -> None:
+                 *, lead_ms: int = 0) -> None:
         self.read_free = read_free
         self.floor_pct = floor_pct
         self.level = level
         self.lead_ns = lead_ms * 1_000_000
         self.learned_ns = 0
-        self.clock = clock
         self.name = f"free memory floor {floor_pct:g} %" + (f" (lead {lead_ms} ms)" if lead_ms else "")
         self._samples: deque[tuple[int, int]] = deque()
         self._unreadable_logged = False
